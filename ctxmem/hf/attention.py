@@ -1,0 +1,60 @@
+"""The "ctxmem" attention implementation registered with transformers.
+
+The modeling code computes q/k/v and RoPE as usual, hands k/v to the cache (our
+``MemoryCache`` stores them) and then calls the registered attention function, which runs the
+fused retrieval-attention op over the store. Outside a ctxmem forward (no active memory) both
+the attention and the mask functions fall back to stock sdpa, so a wrapped model is never wrong.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..ops import retrieval_attention
+
+NAME = "ctxmem"
+_ACTIVE: ContextVar = ContextVar("ctxmem_active_memory", default=None)
+
+
+@contextmanager
+def active_memory(cache):
+    token = _ACTIVE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE.reset(token)
+
+
+def ctxmem_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    cache = _ACTIVE.get()
+    if cache is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    layer = cache.layers[module.layer_idx]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    bias = None if cache.bias is None else cache.bias.to(query.device)
+    out, selected = retrieval_attention(
+        query, layer.k, layer.v, layer.reps, layer.lengths, cache.n_new, cache.op_params(scaling),
+        cache.inv_freq.to(query.device), bias, backend=cache.cfg.backend,
+    )
+    if cache.record_selection:
+        cache.last_selection[module.layer_idx] = selected
+    return out.transpose(1, 2).contiguous(), None
+
+
+def ctxmem_mask(*args, **kwargs):
+    # Inside a ctxmem forward the op does its own causal masking from the stored lengths: no
+    # O(chunk x context) mask is ever built.
+    if _ACTIVE.get() is not None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    AttentionInterface.register(NAME, ctxmem_attention)
+    AttentionMaskInterface.register(NAME, ctxmem_mask)

@@ -1,0 +1,214 @@
+"""``ctxmem.wrap(model)``: give a stock HF causal LM working memory, in place; ``unwrap`` undoes it.
+
+What wrapping changes, and nothing else:
+  * ``model.config._attn_implementation`` becomes "ctxmem" (registered through transformers'
+    AttentionInterface and AttentionMaskInterface; no modeling file is forked);
+  * ``model.forward`` (an instance attribute shadowing the class method) reads long inputs in
+    chunks of ``prefill_chunk`` tokens through a ``MemoryCache``, so ``model(...)`` and
+    ``model.generate(...)`` work unchanged at any context length.
+``unwrap`` deletes the attribute and restores the attention implementation, so the stock model
+is back bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..config import MemoryConfig
+from ..memory import MemoryCache
+from . import attention
+
+# Families whose attention modules follow the llama pattern (RoPE'd q/k -> cache.update ->
+# attention interface) and that the test suite checks against stock sdpa.
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+# RoPE variants that are a pure rotation by position * inv_freq (re-rotation by a delta is exact).
+PURE_ROTATION_ROPE = ("default", "linear", "llama3")
+
+
+@dataclass
+class WrapState:
+    cfg: MemoryConfig
+    orig_attn: str
+    tokenizer: Any = None
+    embedder: Any = None
+    knowledge: Any = None
+    knowledge_budget: int = 1024
+    selector: str = "keys"
+    extra: dict = field(default_factory=dict)
+
+
+def _rope_type(mc) -> str:
+    params = getattr(mc, "rope_parameters", None) or getattr(mc, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+
+
+def _check_model(model, cfg: MemoryConfig) -> None:
+    mc = model.config
+    family = getattr(mc, "model_type", type(model).__name__)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"ctxmem.wrap: model family {family!r} is not supported yet; supported: "
+            f"{', '.join(SUPPORTED_FAMILIES)}. (Other families may store or rotate keys differently, "
+            "and ctxmem refuses rather than answer wrongly.)")
+    if getattr(model, "model", None) is None or getattr(model.model, "rotary_emb", None) is None:
+        raise ValueError(f"ctxmem.wrap: expected a *ForCausalLM with .model.rotary_emb, got {type(model).__name__}")
+    rt = _rope_type(mc)
+    if rt not in PURE_ROTATION_ROPE:
+        raise ValueError(f"ctxmem.wrap: rope_type {rt!r} is not a pure rotation; supported: {PURE_ROTATION_ROPE}")
+    window = getattr(mc, "max_position_embeddings", None)
+    if window is not None and cfg.span() > window:
+        raise ValueError(
+            f"ctxmem.wrap: this MemoryConfig lets a query see keys up to {cfg.span()} positions back "
+            f"(sink + topk*block + local + block + chunk), past the model's trained window ({window}); "
+            "lower topk_blocks, local_tokens or prefill_chunk")
+
+
+def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=None,
+         knowledge=None, knowledge_budget: int = 1024):
+    """Give ``model`` ctxmem working memory in place and return it.
+
+    tokenizer / embedder: used by the "embed" block selector (defaults: the tokenizer that
+    ``ctxmem.load_model`` attached, and ``config.embedder``). knowledge: a KB folder or a
+    ``KnowledgeIndex``; its hits for the prompt are read before the prompt (see README).
+    """
+    if getattr(model, "_ctxmem", None) is not None:
+        raise ValueError("ctxmem.wrap: model is already wrapped; call ctxmem.unwrap(model) first")
+    cfg = config if config is not None else MemoryConfig()
+    cfg.validate()
+    _check_model(model, cfg)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "ctxmem_tokenizer", None)
+    selector = cfg.selector
+    if selector == "auto":
+        selector = "embed" if tokenizer is not None else "keys"
+    if selector == "embed":
+        if tokenizer is None:
+            raise ValueError("ctxmem.wrap: selector='embed' needs the tokenizer (pass tokenizer=...)")
+        if embedder is None:
+            from ..models import load_embedder
+            embedder = load_embedder(cfg.embedder)
+    else:
+        embedder = None
+    if knowledge is not None and tokenizer is None:
+        raise ValueError("ctxmem.wrap: knowledge=... needs the tokenizer (pass tokenizer=...)")
+    if isinstance(knowledge, (str,)) or hasattr(knowledge, "__fspath__"):
+        from ..index import KnowledgeIndex
+        knowledge = KnowledgeIndex.open(knowledge)
+
+    attention.register()
+    state = WrapState(cfg=cfg, orig_attn=model.config._attn_implementation, tokenizer=tokenizer,
+                      embedder=embedder, knowledge=knowledge, knowledge_budget=knowledge_budget,
+                      selector=selector)
+    model.set_attn_implementation(attention.NAME)
+    model.forward = _make_forward(model, state)
+    model._ctxmem = state
+    return model
+
+
+def unwrap(model):
+    """Restore the stock model (attention implementation and forward) and return it."""
+    state = getattr(model, "_ctxmem", None)
+    if state is None:
+        raise ValueError("ctxmem.unwrap: model is not wrapped")
+    del model.forward
+    model.set_attn_implementation(state.orig_attn)
+    del model._ctxmem
+    return model
+
+
+def new_cache(model, batch_size: int | None = None) -> MemoryCache:
+    """A fresh working memory for a wrapped model (``generate`` makes one by itself)."""
+    state = model._ctxmem
+    return MemoryCache(model.config.num_hidden_layers, state.cfg, model.model.rotary_emb.inv_freq,
+                       tokenizer=state.tokenizer, embedder=state.embedder)
+
+
+def _chunk_bounds(L: int, chunk: int) -> list[tuple[int, int]]:
+    """Split [0, L) into chunks, cut from the end so the last chunk (the question) is full."""
+    bounds, e = [], L
+    while e > 0:
+        s = max(0, e - chunk)
+        bounds.append((s, e))
+        e = s
+    return bounds[::-1]
+
+
+def _check_padding(valid: torch.Tensor, had_tokens: list[int]) -> None:
+    if valid.shape[1] > 1 and bool((valid[:, 1:].int() < valid[:, :-1].int()).any()):
+        raise ValueError("ctxmem: attention_mask must be left padding only (a row has a pad after a real token)")
+    for b, n in enumerate(had_tokens):
+        if n and not bool(valid[b].all()):
+            raise ValueError(f"ctxmem: row {b} has padding after real tokens (left padding only)")
+
+
+def _make_forward(model, state: WrapState):
+    orig_forward = type(model).forward.__get__(model)
+    cfg = state.cfg
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        x = input_ids if input_ids is not None else inputs_embeds
+        if x is None:
+            raise ValueError("ctxmem: pass input_ids or inputs_embeds")
+        B, L = x.shape[:2]
+        if L == 0:
+            raise ValueError("ctxmem: empty input (zero tokens)")
+        if not isinstance(cache, MemoryCache):
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError(f"ctxmem: a wrapped model keeps its context in a MemoryCache, got a non-empty "
+                                 f"{type(cache).__name__}")
+            cache = new_cache(model, B)
+        past = cache.seen
+        if attention_mask is None:
+            valid = torch.ones(B, L, dtype=torch.bool)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape != (B, past + L):
+                raise ValueError(f"ctxmem: attention_mask must be 2-D [batch, past + new] = [{B}, {past + L}], "
+                                 f"got {tuple(attention_mask.shape)}")
+            valid = attention_mask[:, -L:].bool().cpu()
+        had = cache.real_lengths() if cache.token_ids else [0] * B
+        _check_padding(valid, had)
+        total = max(h + int(n) for h, n in zip(had, valid.sum(1)))
+        if total > cfg.max_context:
+            raise ValueError(f"ctxmem: context of {total} tokens exceeds MemoryConfig.max_context ({cfg.max_context})")
+        # Each row's real tokens are numbered from its own start (as generate does from the mask).
+        pos = torch.tensor(had)[:, None] + valid.long().cumsum(1) - 1
+        pos = pos.clamp(min=0)
+        if position_ids is not None:
+            given = position_ids.expand(B, -1).cpu()
+            if not bool((given[valid] == pos[valid]).all()):
+                raise ValueError("ctxmem: position_ids must count each row's real tokens 0, 1, 2, ... "
+                                 "(as generate does); leave them None and ctxmem numbers them")
+        pos = pos.to(x.device)
+        keep = logits_to_keep
+        if isinstance(keep, torch.Tensor) or labels is not None:
+            keep_all = True
+        else:
+            keep_all = keep == 0
+        bounds = _chunk_bounds(L, cfg.prefill_chunk)
+        if not keep_all and keep > bounds[-1][1] - bounds[-1][0]:
+            keep_all = True
+        parts = []
+        for i, (s, e) in enumerate(bounds):
+            last = i == len(bounds) - 1
+            cache.begin_chunk(None if input_ids is None else input_ids[:, s:e].cpu(), valid[:, s:e], question=last)
+            inputs = dict(input_ids=input_ids[:, s:e]) if input_ids is not None else dict(inputs_embeds=inputs_embeds[:, s:e])
+            with attention.active_memory(cache):
+                out = orig_forward(**inputs, attention_mask=None, position_ids=pos[:, s:e], cache=cache,
+                                   use_cache=True, logits_to_keep=0 if keep_all else (keep if last else 1), **kwargs)
+            cache.end_chunk(e - s)
+            if keep_all or last:
+                parts.append(out.logits)
+        logits = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        loss = None
+        if labels is not None:
+            loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
+        if isinstance(keep, torch.Tensor) or (keep_all and keep != 0):
+            logits = logits[:, keep] if isinstance(keep, torch.Tensor) else logits[:, -keep:]
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache is not False else None)
+
+    forward.__doc__ = f"ctxmem-wrapped forward of {type(model).__name__} (see ctxmem.hf.wrap)."
+    return forward

@@ -1,0 +1,213 @@
+"""Working memory as a transformers ``Cache``: per-layer KV stores cut into blocks.
+
+Each row of the batch is stored *compacted*: padding tokens are never stored, so stored slot i
+of a row is the row's i-th real token and its RoPE position is i. Storage grows by doubling (no
+O(N) copy per decode step). When a block of ``block_size`` tokens completes, its representative
+keys (means of ``reps_per_block`` equal sub-blocks) are computed once, for key scoring.
+
+The HF-facing length (``get_seq_length``) counts every token fed, padding included, because
+that is what ``generate`` slices its inputs by; the op reads the compacted per-row lengths.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..config import MemoryConfig
+from ..ops import OpParams
+from .text_index import BlockTextIndex
+
+
+class BlockMemoryLayer(CacheLayerMixin):
+    """One decoder layer's KV store: keys/values [B, Hkv, cap, D] plus block representatives."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: "MemoryCache"):
+        super().__init__()
+        self.owner = owner
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.reps: torch.Tensor | None = None  # [B, Hkv, cap_blocks, R, D]
+        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.nreps: list[int] = []
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        B, H, _, D = key_states.shape
+        cfg = self.owner.cfg
+        self.device = key_states.device
+        self.k = key_states.new_zeros(B, H, 0, D)
+        self.v = value_states.new_zeros(B, H, 0, D)
+        self.reps = key_states.new_zeros(B, H, 0, cfg.reps_per_block, D)
+        self.lengths = torch.zeros(B, dtype=torch.long)
+        self.nreps = [0] * B
+        self.is_initialized = True
+
+    def _grow(self, need: int) -> None:
+        cap = self.k.shape[2]
+        if need <= cap:
+            return
+        S = self.owner.cfg.block_size
+        new_cap = max(need, 2 * cap, 1024)
+        new_cap = -(-new_cap // S) * S
+        B, H, _, D = self.k.shape
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            buf = old.new_zeros(B, H, new_cap, D)
+            buf[:, :, :cap] = old
+            setattr(self, name, buf)
+        nb = new_cap // S
+        old = self.reps
+        buf = old.new_zeros(B, H, nb, old.shape[3], D)
+        buf[:, :, : old.shape[2]] = old
+        self.reps = buf
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n_new = self.owner.n_new
+        C = key_states.shape[2]
+        self._grow(int((self.lengths + n_new).max()))
+        cfg = self.owner.cfg
+        S, R, sink = cfg.block_size, cfg.reps_per_block, cfg.sink_tokens
+        for b in range(key_states.shape[0]):
+            n = int(n_new[b])
+            if n == 0:
+                continue
+            L = int(self.lengths[b])
+            # left padding: the row's real tokens are the last n of the chunk
+            self.k[b, :, L:L + n] = key_states[b, :, C - n:]
+            self.v[b, :, L:L + n] = value_states[b, :, C - n:]
+            L += n
+            self.lengths[b] = L
+            done = max(0, (L - sink) // S)
+            j0 = self.nreps[b]
+            if done > j0:
+                blk = self.k[b, :, sink + j0 * S: sink + done * S]  # [H, (done-j0)*S, D]
+                H, _, D = blk.shape
+                self.reps[b, :, j0:done] = blk.reshape(H, done - j0, R, S // R, D).float().mean(3).to(blk.dtype)
+                self.nreps[b] = done
+        # The attention function reads the store directly; what we return is not used by it.
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.owner.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.owner)
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("ctxmem working memory does not support beam search yet")
+
+    def memory_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.reps))
+
+
+class MemoryCache(Cache):
+    """The working-memory cache ``wrap`` gives the model (one per ``generate`` call or context).
+
+    Besides the per-layer stores it keeps each row's token ids (the block text the embedder reads)
+    and the state of the chunk being processed (real-token counts, embedder bias, phase).
+    """
+
+    def __init__(self, num_layers: int, cfg: MemoryConfig, inv_freq: torch.Tensor,
+                 tokenizer=None, embedder=None):
+        super().__init__(layers=[BlockMemoryLayer(self) for _ in range(num_layers)])
+        self.cfg = cfg
+        self.inv_freq = inv_freq.detach().float().cpu()
+        self.seen = 0  # tokens fed so far, padding included (the HF view)
+        self.token_ids: list[list[int]] = []
+        self.n_new = torch.zeros(0, dtype=torch.long)
+        self.bias: torch.Tensor | None = None
+        self.topk = cfg.topk_blocks
+        self.text_index = BlockTextIndex(tokenizer, embedder) if (tokenizer is not None and embedder is not None) else None
+        self.last_selection: dict[int, torch.Tensor] = {}
+        self.record_selection = False
+
+    # -- HF Cache interface -------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("ctxmem working memory does not support beam search yet")
+
+    # -- chunk bookkeeping (called by the wrapped forward) --------------------------------
+    @property
+    def batch_size(self) -> int:
+        return len(self.token_ids)
+
+    def real_lengths(self) -> list[int]:
+        return [len(r) for r in self.token_ids]
+
+    def op_params(self, scaling: float) -> OpParams:
+        c = self.cfg
+        return OpParams(c.block_size, self.topk, c.sink_tokens, c.local_tokens, float(scaling))
+
+    def begin_chunk(self, ids: torch.Tensor | None, valid: torch.Tensor, question: bool) -> None:
+        """Record the chunk's real tokens and choose this chunk's retrieval mode.
+
+        ``question`` chunks (the end of the prompt, and every decode step) retrieve with the full
+        ``topk_blocks`` and, when the embed selector is on, the embedder's votes; body chunks use
+        ``prefill_topk`` key-scored blocks.
+        """
+        B, C = valid.shape
+        if not self.token_ids:
+            self.token_ids = [[] for _ in range(B)]
+        elif B != self.batch_size:
+            raise ValueError(f"batch size changed from {self.batch_size} to {B} within one ctxmem cache")
+        self.n_new = valid.sum(1).to(torch.long).cpu()
+        t_before = self.real_lengths()
+        for b in range(B):
+            n = int(self.n_new[b])
+            if n:
+                self.token_ids[b].extend(ids[b, C - n:].tolist() if ids is not None else [-1] * n)
+        self.topk = self.cfg.topk_blocks if question else self.cfg.body_topk
+        self.bias = None
+        if question and self.text_index is not None and self.topk > 0:
+            self.bias = self._embedder_bias(t_before)
+
+    def end_chunk(self, fed: int) -> None:
+        self.seen += fed
+
+    def _embedder_bias(self, t_before: list[int]) -> torch.Tensor | None:
+        cfg = self.cfg
+        probe = self.op_params(1.0)
+        from ..ops import middle_blocks
+
+        rows = []
+        for b, t in enumerate(t_before):
+            nmid = middle_blocks(t, probe)
+            if nmid <= self.topk or -1 in self.token_ids[b][:1]:
+                rows.append(None)  # everything fits, or no text (inputs_embeds): nothing to vote on
+                continue
+            rows.append(self.text_index.vote(
+                b, self.token_ids[b], nmid, cfg.sink_tokens, cfg.block_size,
+                query_tokens=cfg.query_tokens, hits=cfg.embed_hits, neighbors=cfg.embed_neighbors))
+        if all(r is None for r in rows):
+            return None
+        nb = max(len(r) for r in rows if r is not None)
+        bias = torch.zeros(len(rows), nb)
+        for b, r in enumerate(rows):
+            if r is not None:
+                bias[b, : len(r)] = r
+        return bias
+
+    def memory_bytes(self) -> int:
+        return sum(layer.memory_bytes() for layer in self.layers)
+

@@ -1,0 +1,47 @@
+"""The block store as an embedding index of its blocks' text.
+
+Choosing blocks by the model's own keys works poorly on small models (see README: the probe
+measurements); choosing them by a sentence embedder — the block's decoded text against the text
+of the last few tokens — works. Blocks are embedded lazily, once, the first time a question
+needs them, so reading a long input costs no embedding until it is asked about.
+"""
+from __future__ import annotations
+
+import torch
+
+_FORCED = 1.0e4
+
+
+class BlockTextIndex:
+    def __init__(self, tokenizer, embedder, batch_size: int = 64):
+        self.tokenizer = tokenizer
+        self.embedder = embedder
+        self.batch_size = batch_size
+        self.rows: dict[int, torch.Tensor] = {}  # row -> [n_blocks, dim] unit vectors
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        emb = self.embedder.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
+                                   normalize_embeddings=True, show_progress_bar=False)
+        return emb.detach().float().cpu()
+
+    def ensure(self, row: int, ids: list[int], nblocks: int, sink: int, S: int) -> torch.Tensor:
+        have = self.rows.get(row)
+        n0 = 0 if have is None else have.shape[0]
+        if nblocks > n0:
+            texts = [self.tokenizer.decode(ids[sink + j * S: sink + (j + 1) * S]) for j in range(n0, nblocks)]
+            new = self._encode(texts)
+            have = new if have is None else torch.cat([have, new])
+            self.rows[row] = have
+        return have[:nblocks]
+
+    def vote(self, row: int, ids: list[int], nmid: int, sink: int, S: int, *, query_tokens: int,
+             hits: int, neighbors: int) -> torch.Tensor:
+        """Bias [nmid]: +1e4 + similarity on the top ``hits`` blocks and their neighbours, 0 elsewhere."""
+        emb = self.ensure(row, ids, nmid, sink, S)
+        query = self.tokenizer.decode(ids[-query_tokens:])
+        sims = emb @ self._encode([query])[0]
+        bias = torch.zeros(nmid)
+        for j in torch.argsort(sims, descending=True)[:hits].tolist():
+            for n in range(max(0, j - neighbors), min(nmid, j + neighbors + 1)):
+                bias[n] = max(float(bias[n]), _FORCED + float(sims[n]))
+        return bias

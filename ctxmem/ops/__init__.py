@@ -1,0 +1,12 @@
+"""The fused retrieval-attention op: score blocks, pick top-k per KV head, attend in one softmax.
+
+``reference.py`` is the plain-torch ground truth; ``dispatch.py`` picks a backend.
+"""
+from .dispatch import available_backends, register_backend, retrieval_attention
+from .layout import OpParams, middle_blocks, row_layout
+from .reference import block_scores_ref, retrieval_attention_ref, select_topk
+
+__all__ = [
+    "OpParams", "row_layout", "middle_blocks", "retrieval_attention", "retrieval_attention_ref",
+    "block_scores_ref", "select_topk", "register_backend", "available_backends",
+]

@@ -1,0 +1,100 @@
+"""Plain-torch reference of the fused retrieval-attention op: the ground truth in tests.
+
+Contract (every backend implements exactly this; see ``layout.py`` for the regions):
+
+    out, selected = retrieval_attention_ref(q, k, v, reps, lengths, n_new, params, inv_freq, bias)
+
+    q        [B, Hq, C, D]      the chunk's queries, rotated at their true positions; in row b
+                                the last ``n_new[b]`` are real (left padding), the rest ignored
+    k, v     [B, Hkv, cap, D]   stored keys/values; row b holds positions [0, lengths[b]), the
+                                chunk's own keys already appended (the last n_new[b] of them)
+    reps     [B, Hkv, nb, R, D] representative keys of complete blocks (block j covers
+                                positions [sink + j*S, sink + (j+1)*S)); only j < nmid is read
+    lengths  [B] int            stored tokens per row, this chunk included
+    n_new    [B] int            real queries per row in this chunk
+    bias     [B, nb] or None    added to every head's block score (the embedder's votes)
+    inv_freq [D/2]              the model's RoPE frequencies (for re-rotation)
+
+Block score for KV head h:  scaling * max_r <qbar_h, reps[h, j, r]> + bias[j], where qbar_h is
+the mean of the group's real queries over the chunk. The top ``min(topk, nmid)`` blocks are
+selected (ties go to the lower block index), then attended in ascending order, re-rotated as
+described in ``layout.py``, together with the sinks and the local window, in one softmax.
+Returns ``out [B, Hq, C, D]`` (zeros at padded queries) and ``selected [B, Hkv, topk]`` (block
+indices ascending, -1 where fewer were selected).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layout import OpParams, row_layout
+from .rope import rerotate
+
+
+def block_scores_ref(qbar: torch.Tensor, reps: torch.Tensor, scaling: float, bias: torch.Tensor | None):
+    """qbar [Hkv, D], reps [Hkv, n, R, D], bias [n] -> scores [Hkv, n] (fp32)."""
+    s = torch.einsum("hd,hnrd->hnr", qbar.float(), reps.float()).amax(-1) * scaling
+    if bias is not None:
+        s = s + bias.float()[None, :]
+    return s
+
+
+def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k per row of ``scores [H, n]``, ties to the lower index, returned in ascending order."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=-1).values
+
+
+def gather_plan(t: int, L: int, sel: torch.Tensor, p: OpParams):
+    """Key slots and virtual positions for one row: (idx [H, M], vpos [H, M]), true pos = idx."""
+    lay = row_layout(t, p)
+    H, S = sel.shape[0], p.block_size
+    dev = sel.device
+    nsel = sel.shape[1]
+    sinks = torch.arange(lay.s_end, device=dev).expand(H, -1)
+    blocks = (lay.s_end + sel[:, :, None] * S + torch.arange(S, device=dev)).reshape(H, nsel * S)
+    local = torch.arange(lay.local_start, L, device=dev).expand(H, -1)
+    idx = torch.cat([sinks, blocks, local], dim=1)
+    vstart = lay.local_start - nsel * S
+    v_sinks = sinks + (vstart - lay.s_end)
+    v_blocks = torch.arange(vstart, lay.local_start, device=dev).expand(H, -1)
+    vpos = torch.cat([v_sinks, v_blocks, local], dim=1)
+    return idx, vpos
+
+
+def retrieval_attention_ref(q, k, v, reps, lengths, n_new, params: OpParams, inv_freq, bias=None):
+    B, Hq, C, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    out = torch.zeros_like(q)
+    selected = torch.full((B, Hkv, params.topk), -1, dtype=torch.long, device=q.device)
+    for b in range(B):
+        n, L = int(n_new[b]), int(lengths[b])
+        if n == 0:
+            continue
+        t = L - n
+        lay = row_layout(t, params)
+        qb = q[b, :, C - n:, :].reshape(Hkv, G, n, D)
+        if lay.nsel == lay.nmid:  # budget covers the middle: take all (exact attention)
+            sel = torch.arange(lay.nmid, device=q.device).expand(Hkv, -1)
+        else:
+            qbar = qb.float().mean(dim=(1, 2))
+            scores = block_scores_ref(qbar, reps[b, :, : lay.nmid], params.scaling,
+                                      None if bias is None else bias[b, : lay.nmid])
+            sel = select_topk(scores, lay.nsel)
+        selected[b, :, : lay.nsel] = sel
+        idx, vpos = gather_plan(t, L, sel, params)
+        kk = torch.gather(k[b], 1, idx[..., None].expand(-1, -1, D))
+        vv = torch.gather(v[b], 1, idx[..., None].expand(-1, -1, D))
+        moved = vpos != idx
+        if bool(moved.any()):
+            kk = torch.where(moved[..., None], rerotate(kk, vpos - idx, inv_freq), kk)
+        qpos = torch.arange(t, L, device=q.device)
+        visible = idx[0][None, :] <= qpos[:, None]  # [n, M]; sinks/blocks precede t, so always visible
+        mask = visible.repeat(G, 1)  # query rows are (g, n) flattened
+        o = F.scaled_dot_product_attention(
+            qb.reshape(Hkv, G * n, D).float(), kk.float(), vv.float(),
+            attn_mask=mask[None], scale=params.scaling,
+        )
+        out[b, :, C - n:, :] = o.reshape(Hq, n, D).to(q.dtype)
+    return out, selected
