@@ -10,3 +10,13 @@ __all__ = [
     "OpParams", "row_layout", "middle_blocks", "retrieval_attention", "retrieval_attention_ref",
     "block_scores_ref", "select_topk", "register_backend", "available_backends",
 ]
+
+# Fast backends register themselves with the dispatcher on import; each is optional.
+try:
+    from . import numba_kernels  # noqa: F401  (backend "numba", CPU)
+except ImportError:  # numba missing: "auto" falls back to the reference on CPU
+    pass
+try:
+    from . import cuda  # noqa: F401  (backend "cuda"; the extension itself loads lazily)
+except ImportError:
+    pass

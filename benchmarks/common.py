@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmarks: haystacks, needles, prompts, timing, memory."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again. ")
+
+
+def real_text() -> str:
+    """Real prose no one here wrote: the Python reference manual's topics, shipped with CPython."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def haystack_ids(tok, kind: str, n_tokens: int, seed: int = 0) -> list[int]:
+    if kind == "filler":
+        unit = tok(FILLER, add_special_tokens=False)["input_ids"]
+        reps = n_tokens // len(unit) + 1
+        return (unit * reps)[:n_tokens]
+    if kind == "real":
+        ids = tok(real_text(), add_special_tokens=False)["input_ids"]
+        if n_tokens > len(ids):
+            raise ValueError(f"real haystack has only {len(ids)} tokens, asked for {n_tokens}")
+        start = random.Random(seed).randrange(0, len(ids) - n_tokens + 1)
+        return ids[start:start + n_tokens]
+    raise ValueError(f"unknown haystack {kind!r}")
+
+
+_HEAD = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.\n\n")
+_TAIL = "\n\nWhat is the pass key?"
+_ANSWER = "The pass key is"  # the assistant's answer starts here: the small model then says the number
+
+
+def passkey_prompt(tok, kind: str, context_tokens: int, depth: float, key: str, seed: int = 0) -> torch.Tensor:
+    """Chat prompt of about ``context_tokens`` tokens with the needle at ``depth`` (0..1) of the haystack."""
+    needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)["input_ids"]
+    overhead = len(tok.apply_chat_template([{"role": "user", "content": _HEAD + _TAIL}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"])
+    hay = haystack_ids(tok, kind, max(16, context_tokens - overhead - len(needle)), seed)
+    cut = int(len(hay) * depth)
+    body = tok.decode(hay[:cut]) + tok.decode(needle) + tok.decode(hay[cut:])
+    enc = tok.apply_chat_template([{"role": "user", "content": _HEAD + body + _TAIL}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)["input_ids"]
+    enc = list(enc) + tok(_ANSWER, add_special_tokens=False)["input_ids"]
+    return torch.tensor([enc])
+
+
+def passkey_key(seed: int) -> str:
+    return str(random.Random(seed).randrange(10000, 99999))
+
+
+def found(answer: str, key: str) -> bool:
+    return key in answer.replace(" ", "")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
+
+
+def write_json(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path

@@ -1,0 +1,208 @@
+"""The vector index: FAISS over L2-normalised embeddings, inner product (= cosine) scores.
+
+Index types (``index=`` / ``--index``):
+
+=========  ==========================================  ===============================
+type       FAISS structure                             remove
+=========  ==========================================  ===============================
+``flat``   ``IDMap2,Flat`` - exact search              in place (``remove_ids``)
+``hnsw``   ``IDMap2,HNSW32`` (efConstruction 40,       rebuilt from the stored
+           efSearch 64, 128 past 200K vectors)         embeddings
+``ivfpq``  ``IDMap2,IVF{nlist},PQ{d/8}x8,RFlat``:      lists emptied and refilled
+           IVF-PQ candidates re-ranked exactly         (the trained quantizers are
+           (nprobe 32, k_factor 8)                     kept, no retraining)
+``auto``   ``flat`` up to 20,000 vectors, ``hnsw`` up to 2,000,000, ``ivfpq`` beyond
+=========  ==========================================  ===============================
+
+Every index holds the chunks' int64 ids (``IDMap2``). Vectors are always added in ascending id
+order, and HNSW graphs under 50,000 vectors are built on one thread, so rebuilding from the
+same vectors gives the same index: "add, then remove" restores the previous search results.
+
+The file on disk is always the CPU index (``faiss.serialize_index``). With ``faiss-gpu`` and a
+visible GPU (and ``CTXMEM_FAISS_GPU`` not ``0``), IVF training runs its k-means on the GPU and
+flat indexes over 100,000 vectors are searched on a GPU copy; nothing else changes.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+
+from .errors import BadInputError
+
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivfpq")
+AUTO_FLAT_MAX = 20_000
+AUTO_HNSW_MAX = 2_000_000
+IVFPQ_MIN = 1024  # fewer vectors cannot train 256 PQ centroids per sub-space; flat is used instead
+_DETERMINISTIC_HNSW_MAX = 50_000
+_GPU_FLAT_MIN = 100_000
+_omp_lock = threading.Lock()
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def gpu_available() -> bool:
+    if os.environ.get("CTXMEM_FAISS_GPU", "1") == "0":
+        return False
+    faiss = _faiss()
+    try:
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:
+        return False
+
+
+@contextmanager
+def omp_threads(n: int | None):
+    """Run FAISS with ``n`` OpenMP threads (one query is fastest on one thread: no spin-waits)."""
+    if n is None:
+        yield
+        return
+    faiss = _faiss()
+    with _omp_lock:
+        old = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(max(1, int(n)))
+        try:
+            yield
+        finally:
+            faiss.omp_set_num_threads(old)
+
+
+def choose_type(requested: str, n: int) -> str:
+    if requested not in INDEX_TYPES:
+        raise BadInputError(f"unknown index type {requested!r}; choose one of {', '.join(INDEX_TYPES)}")
+    if requested == "auto":
+        return "flat" if n <= AUTO_FLAT_MAX else "hnsw" if n <= AUTO_HNSW_MAX else "ivfpq"
+    if requested == "ivfpq" and n < IVFPQ_MIN:
+        return "flat"
+    return requested
+
+
+def _pq_m(dim: int) -> int:
+    if dim % 8 == 0:
+        return dim // 8
+    for m in range(dim // 4, 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+def default_params(kind: str, n: int, dim: int) -> dict:
+    if kind == "flat":
+        return {"factory": "IDMap2,Flat"}
+    if kind == "hnsw":
+        return {"factory": "IDMap2,HNSW32", "efConstruction": 40, "efSearch": 64 if n <= 200_000 else 128}
+    if kind == "ivfpq":
+        nlist = 1 << int(round(np.log2(max(16.0, 2.0 * np.sqrt(max(n, 1))))))
+        nlist = int(min(65536, max(16, nlist), max(16, n // 40)))
+        return {"factory": f"IDMap2,IVF{nlist},PQ{_pq_m(dim)}x8,RFlat", "nlist": nlist, "nprobe": 32,
+                "k_factor": 8, "train_size": int(min(n, 40 * nlist))}
+    raise BadInputError(f"unknown index type {kind!r}")
+
+
+def apply_search_params(index, kind: str, params: dict) -> None:
+    faiss = _faiss()
+    if kind == "hnsw":
+        faiss.downcast_index(index.index).hnsw.efSearch = int(params.get("efSearch", 64))
+    elif kind == "ivfpq":
+        inner = faiss.downcast_index(index.index)
+        inner.k_factor = float(params.get("k_factor", 8))
+        faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", 32))
+
+
+def _sorted(vectors: np.ndarray, ids: np.ndarray):
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    return np.ascontiguousarray(vectors[order], dtype=np.float32), ids[order]
+
+
+def create(kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict):
+    """A new index of ``kind`` holding ``vectors`` (n, d) under ``ids``; trained if needed."""
+    faiss = _faiss()
+    vectors, ids = _sorted(vectors, ids)
+    dim = vectors.shape[1]
+    index = faiss.index_factory(dim, params["factory"], faiss.METRIC_INNER_PRODUCT)
+    if kind == "hnsw":
+        faiss.downcast_index(index.index).hnsw.efConstruction = int(params.get("efConstruction", 40))
+    if kind == "ivfpq":
+        n_train = int(params.get("train_size", len(vectors)))
+        rng = np.random.default_rng(0)
+        train = vectors if n_train >= len(vectors) else vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
+        ivf = faiss.extract_index_ivf(index)
+        if gpu_available():
+            try:
+                ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))
+            except Exception:
+                pass
+        index.train(train)
+        ivf.clustering_index = None
+    add(index, kind, vectors, ids, presorted=True)
+    apply_search_params(index, kind, params)
+    return index
+
+
+def add(index, kind: str, vectors: np.ndarray, ids: np.ndarray, presorted: bool = False) -> None:
+    if len(ids) == 0:
+        return
+    if not presorted:
+        vectors, ids = _sorted(vectors, ids)
+    threads = 1 if kind == "hnsw" and index.ntotal + len(ids) <= _DETERMINISTIC_HNSW_MAX else None
+    with omp_threads(threads):
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def index_ids(index) -> np.ndarray:
+    return _faiss().vector_to_array(index.id_map).astype(np.int64)
+
+
+def remove(index, kind: str, ids: np.ndarray, live_vectors=None, live_ids=None, params=None):
+    """Remove ``ids``; returns the index to use from now on (a rebuilt one for hnsw/ivfpq).
+
+    ``live_vectors``/``live_ids`` (every vector that stays) are needed for hnsw and ivfpq.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0:
+        return index
+    if kind == "flat":
+        index.remove_ids(ids)
+        return index
+    if kind == "ivfpq":
+        index.reset()  # IDMap2 + refine + IVF lists emptied; the trained quantizers stay
+        add(index, kind, live_vectors, live_ids)
+        return index
+    return create(kind, live_vectors, live_ids, params)
+
+
+def serialize(index) -> bytes:
+    return _faiss().serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes):
+    return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+class Searcher:
+    """Searches an index; holds a GPU copy of large flat indexes when a GPU is there."""
+
+    def __init__(self, index, kind: str):
+        self.index, self.kind = index, kind
+        self._gpu = None
+        if kind == "flat" and index.ntotal >= _GPU_FLAT_MIN and gpu_available():
+            try:
+                faiss = _faiss()
+                self._res = faiss.StandardGpuResources()
+                self._gpu = faiss.index_cpu_to_gpu(self._res, 0, index)
+            except Exception:
+                self._gpu = None
+
+    def search(self, q: np.ndarray, k: int):
+        index = self._gpu if self._gpu is not None else self.index
+        k = int(min(k, max(self.index.ntotal, 1)))
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        with omp_threads(1 if len(q) < 8 and self._gpu is None else None):
+            return index.search(q, k)

@@ -1,0 +1,213 @@
+"""CUDA backend of the fused retrieval-attention op: the ``csrc/`` extension, guarded.
+
+The extension (``ctxmem_cuda``) implements the decode step (one query per row) in the
+flash-decoding style: block scoring, a radix top-k per KV head shared by the query group, a
+split attention over sinks + selected blocks + local window with fp32 accumulation, and a
+log-sum-exp merge (see ``csrc/README.md``). Prefill chunks (``C > 1``) run the plain-torch
+reference on the GPU (batched SDPA per row): they are compute-bound and rare next to decode.
+
+Building (nothing is compiled at import):
+
+* ``CTXMEM_BUILD_CUDA=1`` in the environment: the first CUDA call JIT-builds the extension with
+  ``torch.utils.cpp_extension.load`` (nvcc + ninja) into the cache folder
+  (``$CTXMEM_CUDA_CACHE``, default ``~/.cache/ctxmem/cuda-<torch>-<cuda>``) for the archs in
+  ``$TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0``); later processes reuse the build.
+* or explicitly: ``python -c "import ctxmem.ops.cuda as c; c.build(verbose=True)"``.
+
+A build already in the cache folder is loaded without ninja or nvcc when its recorded source
+hash matches ``csrc/``. When the extension is missing, a CUDA call raises with these
+instructions; the reference is used instead only if the user allows it
+(``CTXMEM_CUDA_FALLBACK=1`` or ``allow_fallback()``), with a one-time warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .dispatch import register_backend
+from .layout import OpParams
+from .reference import retrieval_attention_ref
+
+EXT_NAME = "ctxmem_cuda"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+DEFAULT_ARCHS = "8.0;9.0"
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SUPPORTED_D = (64, 128)
+
+_lock = threading.Lock()
+_ext = None
+_load_error: str | None = None
+_fallback_allowed = os.environ.get("CTXMEM_CUDA_FALLBACK", "") not in ("", "0")
+_warned = False
+
+BUILD_HELP = (
+    "the ctxmem CUDA extension is not built. Build it once (needs nvcc and ninja; about a minute):\n"
+    "    CTXMEM_BUILD_CUDA=1 python -c \"import ctxmem.ops.cuda as c; c.build(verbose=True)\"\n"
+    "or set CTXMEM_BUILD_CUDA=1 to build on first use. To run the plain-torch reference on the GPU "
+    "instead, set CTXMEM_CUDA_FALLBACK=1 (or call ctxmem.ops.cuda.allow_fallback()), or choose "
+    "MemoryConfig(backend=\"torch\")."
+)
+
+
+def sources() -> list[Path]:
+    """The extension's sources: the binding first, then every kernel file."""
+    return [CSRC / "binding.cpp"] + sorted(CSRC.glob("*.cu"))
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for p in sources() + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("CTXMEM_CUDA_CACHE")
+    if env:
+        return Path(env)
+    tv = torch.__version__.split("+")[0]
+    cv = (torch.version.cuda or "none").replace(".", "")
+    return Path.home() / ".cache" / "ctxmem" / f"cuda-{tv}-cu{cv}"
+
+
+def _load_prebuilt():
+    """Import an already built extension whose source hash matches, without ninja/nvcc."""
+    d = cache_dir()
+    stamp = d / "sources.sha256"
+    if not stamp.is_file() or stamp.read_text().strip() != _source_hash():
+        return None
+    for so in d.glob(f"{EXT_NAME}*.so"):
+        loader = importlib.machinery.ExtensionFileLoader(EXT_NAME, str(so))
+        spec = importlib.util.spec_from_file_location(EXT_NAME, so, loader=loader)
+        mod = importlib.util.module_from_spec(spec)
+        loader.exec_module(mod)
+        return mod
+    return None
+
+
+def build(verbose: bool = False):
+    """JIT-build (or re-use) the extension in ``cache_dir()``; returns the module."""
+    global _ext, _load_error
+    from torch.utils.cpp_extension import load
+
+    if not CSRC.is_dir():
+        raise RuntimeError(f"ctxmem CUDA sources not found at {CSRC} (a source checkout is needed to build)")
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    env_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not env_archs:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    try:
+        mod = load(
+            name=EXT_NAME,
+            sources=[str(p) for p in sources()],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+            build_directory=str(d),
+            verbose=verbose,
+        )
+    finally:
+        if not env_archs:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+    (d / "sources.sha256").write_text(_source_hash() + "\n")
+    with _lock:
+        _ext, _load_error = mod, None
+    return mod
+
+
+def load_extension(build_if_missing: bool | None = None):
+    """The extension module, or None (reason in ``load_error()``). Builds only when asked to
+    (argument, or ``CTXMEM_BUILD_CUDA=1``)."""
+    global _ext, _load_error
+    if _ext is not None:
+        return _ext
+    if build_if_missing is None:
+        build_if_missing = os.environ.get("CTXMEM_BUILD_CUDA", "") not in ("", "0")
+    try:
+        mod = _load_prebuilt()
+        if mod is None:
+            try:
+                import ctxmem_cuda as mod  # type: ignore[no-redef]  # installed elsewhere
+            except ImportError:
+                mod = None
+        if mod is None and build_if_missing:
+            return build()
+        if mod is not None:
+            with _lock:
+                _ext, _load_error = mod, None
+            return mod
+        _load_error = BUILD_HELP
+    except Exception as e:  # a broken or stale build: say why, never crash at import
+        _load_error = f"loading/building the ctxmem CUDA extension failed: {e!r}\n{BUILD_HELP}"
+    return None
+
+
+def load_error() -> str | None:
+    return _load_error
+
+
+def available() -> bool:
+    return load_extension() is not None
+
+
+def allow_fallback(flag: bool = True) -> None:
+    """Let CUDA calls run the plain-torch reference when the extension is missing."""
+    global _fallback_allowed
+    _fallback_allowed = bool(flag)
+
+
+def _as_index(x, B: int, device) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.device != device or t.dtype != torch.int64:
+        t = t.to(device=device, dtype=torch.int64)
+    return t.reshape(B)
+
+
+def retrieval_attention_cuda(q, k, v, reps, lengths, n_new, params: OpParams, inv_freq, bias=None):
+    """CUDA implementation of ``retrieval_attention_ref`` (decode kernels; prefill via the reference)."""
+    global _warned
+    B, Hq, C, D = q.shape
+    if C != 1:
+        return retrieval_attention_ref(q, k, v, reps, lengths, n_new, params, inv_freq, bias)
+    ext = load_extension()
+    if ext is None:
+        if not _fallback_allowed:
+            raise RuntimeError(f"ctxmem backend 'cuda': {load_error()}")
+        if not _warned:
+            warnings.warn("ctxmem: CUDA extension missing, running the plain-torch reference "
+                          "(CTXMEM_CUDA_FALLBACK is set): " + (load_error() or ""), stacklevel=2)
+            _warned = True
+        return retrieval_attention_ref(q, k, v, reps, lengths, n_new, params, inv_freq, bias)
+    dt = q.dtype
+    if k.dtype != dt or v.dtype != dt or reps.dtype != dt or D not in _SUPPORTED_D:
+        # mixed dtypes would need a converted copy of the whole cache: use the reference
+        return retrieval_attention_ref(q, k, v, reps, lengths, n_new, params, inv_freq, bias)
+    dev = q.device
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        return ext.decode(q, k, v, reps, _as_index(lengths, B, dev), _as_index(n_new, B, dev), bias,
+                          inv_freq, int(params.block_size), int(params.topk), int(params.sink),
+                          int(params.local), float(params.scaling), int(stream))
+
+
+def _unsupported(q: torch.Tensor) -> str | None:
+    if q.device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors (got {q.device.type})"
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"the cuda backend supports float32, float16 and bfloat16 (got {q.dtype})"
+    if q.shape[-1] not in _SUPPORTED_D:
+        return f"the cuda kernels are built for head dim 64 and 128 (got {q.shape[-1]})"
+    # a missing build is *not* a reason to pass: the call raises with build instructions
+    return None
+
+
+register_backend("cuda", retrieval_attention_cuda, _unsupported)

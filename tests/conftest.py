@@ -1,0 +1,42 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def tiny_model(family: str, seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               head_dim: int = 16, window: int = 100_000):
+    """A tiny random causal LM of the given family (fp32, eval mode, sdpa attention)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=heads * head_dim, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                  max_position_embeddings=window, attn_implementation="sdpa")
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=False, **common))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real bundled SmolLM2-135M-Instruct (converted and cached on first use)."""
+    import ctxmem
+
+    return ctxmem.load_model("smollm2")

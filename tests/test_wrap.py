@@ -1,0 +1,157 @@
+"""wrap/unwrap against stock sdpa on tiny random llama / qwen2 / mistral models."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ctxmem
+from conftest import tiny_model
+
+FAMILIES = ["llama", "qwen2", "mistral"]
+
+
+def full_budget(**kw):
+    # topk large enough that every middle block is always selected: ctxmem must equal full attention
+    base = dict(block_size=8, topk_blocks=1000, sink_tokens=4, local_tokens=16, prefill_chunk=24, selector="keys")
+    base.update(kw)
+    return ctxmem.MemoryConfig(**base)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_budget_equals_stock_logits(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 97, (2, 150), generator=torch.Generator().manual_seed(1))
+    ref = model(ids).logits
+    ctxmem.wrap(model, full_budget())
+    out = model(ids).logits
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_budget_generate_equals_stock(family):
+    model = tiny_model(family, seed=3)
+    ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(2))
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+    ctxmem.wrap(model, full_budget())
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unwrap_restores_bit_identical(family):
+    model = tiny_model(family, seed=5)
+    ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(3))
+    before = model(ids).logits
+    ctxmem.wrap(model, ctxmem.MemoryConfig(block_size=8, topk_blocks=2, sink_tokens=4, local_tokens=16,
+                                           prefill_chunk=24, selector="keys"))
+    wrapped = model(ids).logits
+    assert (wrapped - before).abs().max() > 1e-3  # a partial budget really changes attention ...
+    ctxmem.unwrap(model)
+    assert torch.equal(model(ids).logits, before)  # ... and unwrap gives the stock model back exactly
+    assert model.config._attn_implementation == "sdpa"
+    assert "forward" not in vars(model)
+
+
+@settings(max_examples=12, deadline=None)
+@given(chunk=st.integers(1, 70), length=st.integers(1, 140))
+def test_full_budget_independent_of_prefill_chunk(chunk, length):
+    model = tiny_model("llama", seed=7)
+    ids = torch.randint(0, 97, (1, length), generator=torch.Generator().manual_seed(length))
+    ref = model(ids).logits
+    ctxmem.wrap(model, full_budget(prefill_chunk=chunk))
+    try:
+        out = model(ids).logits
+    finally:
+        ctxmem.unwrap(model)
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_matches_rows_alone(family):
+    # Partial budget (real retrieval and re-rotation): each row must not feel the others' padding.
+    model = tiny_model(family, seed=11)
+    cfg = ctxmem.MemoryConfig(block_size=8, topk_blocks=2, sink_tokens=4, local_tokens=16, prefill_chunk=20,
+                              selector="keys")
+    ctxmem.wrap(model, cfg)
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(3, 97, (1, 130), generator=g)
+    b = torch.randint(3, 97, (1, 87), generator=g)
+    pad = 130 - 87
+    batch = torch.cat([a, torch.cat([torch.full((1, pad), 0), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    alone_a = model.generate(a, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    alone_b = model.generate(b, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0, -10:], alone_a[0, -10:])
+    assert torch.equal(out[1, -10:], alone_b[0, -10:])
+
+
+def test_partial_budget_keeps_attention_span_inside_window():
+    model = tiny_model("llama", window=64)
+    with pytest.raises(ValueError, match="trained window"):
+        ctxmem.wrap(model, ctxmem.MemoryConfig(block_size=8, topk_blocks=4, sink_tokens=4, local_tokens=16,
+                                               prefill_chunk=24, selector="keys"))
+    # 4 + 2*8 + 16 + 8 + 16 = 60 <= 64: accepted, and reads 10x the window
+    ctxmem.wrap(model, ctxmem.MemoryConfig(block_size=8, topk_blocks=2, sink_tokens=4, local_tokens=16,
+                                           prefill_chunk=16, selector="keys"))
+    ids = torch.randint(0, 97, (1, 640), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 643)
+
+
+def test_memory_cache_is_returned_and_reused():
+    model = tiny_model("llama")
+    ctxmem.wrap(model, full_budget())
+    ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(9))
+    whole = model(ids).logits
+    first = model(ids[:, :45])
+    assert isinstance(first.cache, ctxmem.memory.MemoryCache)
+    rest = model(ids[:, 45:], cache=first.cache).logits
+    assert (rest - whole[:, 45:]).abs().max().item() <= 1e-4
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(block_size=0), "block_size"),
+    (dict(topk_blocks=-1), "topk_blocks"),
+    (dict(sink_tokens=-4), "sink_tokens"),
+    (dict(local_tokens=-1), "local_tokens"),
+    (dict(prefill_chunk=0), "prefill_chunk"),
+    (dict(block_size=64, reps_per_block=3), "reps_per_block"),
+    (dict(backend="gpu"), "backend"),
+    (dict(selector="magic"), "selector"),
+    (dict(block_size=1.5), "block_size"),
+])
+def test_bad_config_names_the_problem(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ctxmem.MemoryConfig(**kw)
+
+
+def test_unsupported_family_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    with pytest.raises(ValueError, match="family 'gpt2' is not supported"):
+        ctxmem.wrap(model)
+
+
+def test_bad_inputs_are_refused():
+    model = tiny_model("llama")
+    ctxmem.wrap(model, full_budget(max_context=100))
+    with pytest.raises(ValueError, match="empty input"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_context"):
+        model(torch.zeros(1, 101, dtype=torch.long))
+    ids = torch.ones(2, 10, dtype=torch.long)
+    right_pad = torch.ones(2, 10, dtype=torch.long)
+    right_pad[0, -3:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        model(ids, attention_mask=right_pad)
+    with pytest.raises(ValueError, match="already wrapped"):
+        ctxmem.wrap(model)
+    ctxmem.unwrap(model)
+    with pytest.raises(ValueError, match="not wrapped"):
+        ctxmem.unwrap(model)
