@@ -78,6 +78,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- 1. block scores ----------------------------------------------------------------------
 constexpr int kScoreThreads = 256;
+constexpr int kRepsInFlight = 4;  // representative rows loaded per lane before use
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kScoreThreads) score_kernel(const RADecodeParams p) {
@@ -109,15 +110,28 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(const RADecodePara
 #pragma unroll
   for (int e = 0; e < EPL; ++e) qv[e] = qbar[gl * EPL + e];
   const T* reps = static_cast<const T*>(p.reps) + b * p.r_sb + h * p.r_sh + gl * EPL;
+  // all R representative rows of the block are loaded before any is used (bytes in flight)
   float best = -CUDART_INF_F;
-  for (int r = 0; r < p.R; ++r) {  // uniform trip count: every lane reaches the shuffles
-    const uint4 x = valid ? load16(reps + j * p.r_sj + r * p.r_sr) : make_uint4(0u, 0u, 0u, 0u);
-    float s = 0.f;
+  const T* rrow = reps + (valid ? j : 0) * p.r_sj;
+  for (int r0 = 0; r0 < p.R; r0 += kRepsInFlight) {  // uniform trip count: all lanes shuffle
+    uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0, x2 = x0, x3 = x0;
+    const int nr = min(kRepsInFlight, p.R - r0);
+    if (valid) {
+      x0 = load16(rrow + r0 * p.r_sr);
+      if (nr > 1) x1 = load16(rrow + (r0 + 1) * p.r_sr);
+      if (nr > 2) x2 = load16(rrow + (r0 + 2) * p.r_sr);
+      if (nr > 3) x3 = load16(rrow + (r0 + 3) * p.r_sr);
+    }
 #pragma unroll
-    for (int e = 0; e < EPL; ++e) s = fmaf(qv[e], Vec<T>::get(x, e), s);
+    for (int r = 0; r < kRepsInFlight; ++r) {
+      const uint4 x = r == 0 ? x0 : (r == 1 ? x1 : (r == 2 ? x2 : x3));
+      float s = 0.f;
 #pragma unroll
-    for (int off = LPK / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    best = fmaxf(best, s);
+      for (int e = 0; e < EPL; ++e) s = fmaf(qv[e], Vec<T>::get(x, e), s);
+#pragma unroll
+      for (int off = LPK / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (r < nr) best = fmaxf(best, s);
+    }
   }
   if (valid && gl == 0) {
     float sc = best * p.scaling;

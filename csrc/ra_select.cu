@@ -62,26 +62,49 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const RADecodeParam
     for (int64_t i = tid; i < k; i += kSelThreads) out[i] = i;
   } else if (k > 0) {
     unsigned prefix = 0u, pmask = 0u, remaining = (unsigned)k;
+    const int lane = tid & 31;
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = tid; i < 256; i += kSelThreads) hist[i] = 0u;
       __syncthreads();
-      for (int64_t i = tid; i < nmid; i += kSelThreads) {
-        const unsigned u = order_key(sc[i]);
-        if ((u & pmask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+      // histogram of the next 8 bits among the candidates; lanes holding the same bin add
+      // once (scores of similar magnitude share their top bits: plain atomics would serialise)
+      for (int64_t base = 0; base < nmid; base += kSelThreads) {
+        const int64_t i = base + tid;
+        unsigned bin = 256u;  // "not a candidate"
+        if (i < nmid) {
+          const unsigned u = order_key(sc[i]);
+          if ((u & pmask) == prefix) bin = (u >> shift) & 255u;
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        if (bin < 256u && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
       }
       __syncthreads();
-      if (tid == 0) {
-        unsigned cum = 0u;
-        for (int bin = 255; bin >= 0; --bin) {
-          if (cum + hist[bin] >= remaining) {
-            prefix |= (unsigned)bin << shift;
-            remaining -= cum;
-            break;
-          }
-          cum += hist[bin];
+      if (tid < 32) {
+        // warp 0 finds the bin holding the remaining-th largest: lane l owns bins
+        // [255 - 8l - 7, 255 - 8l], scanned from the top
+        unsigned c = 0u;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) c += hist[255 - 8 * lane - e];
+        unsigned inc = c;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const unsigned y = __shfl_up_sync(0xffffffffu, inc, off);
+          if (lane >= off) inc += y;
         }
-        s_prefix = prefix;
-        s_remaining = remaining;
+        const unsigned hit = __ballot_sync(0xffffffffu, inc >= remaining);
+        const int first = __ffs(hit) - 1;  // exists: the k-th largest is among the candidates
+        if (lane == first) {
+          unsigned cum = inc - c;
+          for (int e = 0; e < 8; ++e) {
+            const int bin = 255 - 8 * lane - e;
+            if (cum + hist[bin] >= remaining) {
+              s_prefix = prefix | ((unsigned)bin << shift);
+              s_remaining = remaining - cum;
+              break;
+            }
+            cum += hist[bin];
+          }
+        }
       }
       __syncthreads();
       prefix = s_prefix;

@@ -11,7 +11,7 @@ is back bit for bit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ class WrapState:
     knowledge: Any = None
     knowledge_budget: int = 1024
     selector: str = "keys"
-    extra: dict = field(default_factory=dict)
+    progress: bool = False
 
 
 def _rope_type(mc) -> str:
@@ -67,12 +67,13 @@ def _check_model(model, cfg: MemoryConfig) -> None:
 
 
 def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=None,
-         knowledge=None, knowledge_budget: int = 1024):
+         knowledge=None, knowledge_budget: int = 1024, progress: bool = False):
     """Give ``model`` ctxmem working memory in place and return it.
 
     tokenizer / embedder: used by the "embed" block selector (defaults: the tokenizer that
     ``ctxmem.load_model`` attached, and ``config.embedder``). knowledge: a KB folder or a
     ``KnowledgeIndex``; its hits for the prompt are read before the prompt (see README).
+    progress: show a progress bar (tokens/s, ETA) while reading inputs longer than one chunk.
     """
     if getattr(model, "_ctxmem", None) is not None:
         raise ValueError("ctxmem.wrap: model is already wrapped; call ctxmem.unwrap(model) first")
@@ -100,7 +101,7 @@ def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=
     attention.register()
     state = WrapState(cfg=cfg, orig_attn=model.config._attn_implementation, tokenizer=tokenizer,
                       embedder=embedder, knowledge=knowledge, knowledge_budget=knowledge_budget,
-                      selector=selector)
+                      selector=selector, progress=progress)
     model.set_attn_implementation(attention.NAME)
     model.forward = _make_forward(model, state)
     model._ctxmem = state
@@ -192,6 +193,10 @@ def _make_forward(model, state: WrapState):
         if not keep_all and keep > bounds[-1][1] - bounds[-1][0]:
             keep_all = True
         parts = []
+        bar = None
+        if state.progress and len(bounds) > 1:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=L, unit="tok", unit_scale=True, desc="ctxmem: reading", leave=False)
         for i, (s, e) in enumerate(bounds):
             last = i == len(bounds) - 1
             cache.begin_chunk(None if input_ids is None else input_ids[:, s:e].cpu(), valid[:, s:e], question=last)
@@ -200,8 +205,12 @@ def _make_forward(model, state: WrapState):
                 out = orig_forward(**inputs, attention_mask=None, position_ids=pos[:, s:e], cache=cache,
                                    use_cache=True, logits_to_keep=0 if keep_all else (keep if last else 1), **kwargs)
             cache.end_chunk(e - s)
+            if bar is not None:
+                bar.update(e - s)
             if keep_all or last:
                 parts.append(out.logits)
+        if bar is not None:
+            bar.close()
         logits = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         loss = None
         if labels is not None:

@@ -7,16 +7,18 @@ type       FAISS structure                             remove
 =========  ==========================================  ===============================
 ``flat``   ``IDMap2,Flat`` - exact search              in place (``remove_ids``)
 ``hnsw``   ``IDMap2,HNSW32`` (efConstruction 40,       rebuilt from the stored
-           efSearch 64, 128 past 200K vectors)         embeddings
-``ivfpq``  ``IDMap2,IVF{nlist},PQ{d/8}x8,RFlat``:      lists emptied and refilled
+           efSearch 128)                               embeddings
+``ivfpq``  ``IDMap2,IVF{nlist},PQ{d/8}x8np,RFlat``:      lists emptied and refilled
            IVF-PQ candidates re-ranked exactly         (the trained quantizers are
-           (nprobe 32, k_factor 8)                     kept, no retraining)
+           (nprobe 32, k_factor 16)                     kept, no retraining)
 ``auto``   ``flat`` up to 20,000 vectors, ``hnsw`` up to 2,000,000, ``ivfpq`` beyond
 =========  ==========================================  ===============================
 
 Every index holds the chunks' int64 ids (``IDMap2``). Vectors are always added in ascending id
 order, and HNSW graphs under 50,000 vectors are built on one thread, so rebuilding from the
 same vectors gives the same index: "add, then remove" restores the previous search results.
+Jobs under 50,000 vectors run on one OpenMP thread (deterministic, and immune to OpenMP
+spin-wait slowdowns on a busy machine); bigger ones use every core.
 
 The file on disk is always the CPU index (``faiss.serialize_index``). With ``faiss-gpu`` and a
 visible GPU (and ``CTXMEM_FAISS_GPU`` not ``0``), IVF training runs its k-means on the GPU and
@@ -36,7 +38,7 @@ INDEX_TYPES = ("auto", "flat", "hnsw", "ivfpq")
 AUTO_FLAT_MAX = 20_000
 AUTO_HNSW_MAX = 2_000_000
 IVFPQ_MIN = 1024  # fewer vectors cannot train 256 PQ centroids per sub-space; flat is used instead
-_DETERMINISTIC_HNSW_MAX = 50_000
+_SMALL_JOB = 50_000
 _GPU_FLAT_MIN = 100_000
 _omp_lock = threading.Lock()
 
@@ -96,12 +98,13 @@ def default_params(kind: str, n: int, dim: int) -> dict:
     if kind == "flat":
         return {"factory": "IDMap2,Flat"}
     if kind == "hnsw":
-        return {"factory": "IDMap2,HNSW32", "efConstruction": 40, "efSearch": 64 if n <= 200_000 else 128}
+        return {"factory": "IDMap2,HNSW32", "efConstruction": 40, "efSearch": 128}
     if kind == "ivfpq":
         nlist = 1 << int(round(np.log2(max(16.0, 2.0 * np.sqrt(max(n, 1))))))
         nlist = int(min(65536, max(16, nlist), max(16, n // 40)))
-        return {"factory": f"IDMap2,IVF{nlist},PQ{_pq_m(dim)}x8,RFlat", "nlist": nlist, "nprobe": 32,
-                "k_factor": 8, "train_size": int(min(n, 40 * nlist))}
+        # "np": no polysemous training (slow, and unused: candidates are re-ranked exactly)
+        return {"factory": f"IDMap2,IVF{nlist},PQ{_pq_m(dim)}x8np,RFlat", "nlist": nlist, "nprobe": 32,
+                "k_factor": 16, "train_size": int(min(n, 40 * nlist))}
     raise BadInputError(f"unknown index type {kind!r}")
 
 
@@ -113,6 +116,12 @@ def apply_search_params(index, kind: str, params: dict) -> None:
         inner = faiss.downcast_index(index.index)
         inner.k_factor = float(params.get("k_factor", 8))
         faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", 32))
+
+
+def _threads(n: int):
+    """One OpenMP thread for small jobs: as fast, deterministic, and immune to the spin-wait
+    slowdowns OpenMP suffers on an oversubscribed machine (seconds instead of milliseconds)."""
+    return 1 if n < _SMALL_JOB else None
 
 
 def _sorted(vectors: np.ndarray, ids: np.ndarray):
@@ -132,14 +141,18 @@ def create(kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict):
     if kind == "ivfpq":
         n_train = int(params.get("train_size", len(vectors)))
         rng = np.random.default_rng(0)
-        train = vectors if n_train >= len(vectors) else vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
+        if n_train >= len(vectors):
+            train = vectors
+        else:
+            train = vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
         ivf = faiss.extract_index_ivf(index)
         if gpu_available():
             try:
                 ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))
             except Exception:
                 pass
-        index.train(train)
+        with omp_threads(_threads(len(train))):
+            index.train(train)
         ivf.clustering_index = None
     add(index, kind, vectors, ids, presorted=True)
     apply_search_params(index, kind, params)
@@ -151,8 +164,7 @@ def add(index, kind: str, vectors: np.ndarray, ids: np.ndarray, presorted: bool 
         return
     if not presorted:
         vectors, ids = _sorted(vectors, ids)
-    threads = 1 if kind == "hnsw" and index.ntotal + len(ids) <= _DETERMINISTIC_HNSW_MAX else None
-    with omp_threads(threads):
+    with omp_threads(_threads(index.ntotal + len(ids))):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
 
 
@@ -169,7 +181,8 @@ def remove(index, kind: str, ids: np.ndarray, live_vectors=None, live_ids=None, 
     if len(ids) == 0:
         return index
     if kind == "flat":
-        index.remove_ids(ids)
+        with omp_threads(_threads(index.ntotal)):
+            index.remove_ids(ids)
         return index
     if kind == "ivfpq":
         index.reset()  # IDMap2 + refine + IVF lists emptied; the trained quantizers stay

@@ -11,10 +11,13 @@ Guarantees (checked by property tests):
 * chunk ``i + 1`` starts at or before the end of chunk ``i`` (no gap), so the "cores"
   ``[start_i, start_{i+1})`` partition the text: every character is covered exactly once,
   apart from the overlaps ``[start_{i+1}, end_i)``, which hold the shared tokens;
-* every window holds at most ``chunk_tokens`` tokens and at most ``max_chars`` characters
-  of tokens (a run of characters without any token, such as a huge word the tokenizer turns
-  into one ``[UNK]`` or a megabyte of spaces, is cut every ``max_chars // 4`` characters and
-  each piece counts as one token).
+* every window holds at most ``chunk_tokens`` tokens, whose starts lie within ``max_chars``
+  characters (default ``max(256, 16 * chunk_tokens)``), so a chunk spans at most
+  ``max_chars + max_chars // 4`` characters: a run without any token (a huge word the
+  tokenizer turns into one ``[UNK]``, a megabyte of spaces) is cut every ``max_chars // 4``
+  characters and each piece counts as one token;
+* the chunks of a text without any token (empty, only whitespace or characters the
+  tokenizer drops) are ``[]``.
 
 Boundaries: a chunk's span runs from the start of its first token to the start of the token
 after its last one (so trailing whitespace belongs to the chunk it follows). Window ends are
@@ -188,10 +191,11 @@ class Chunker:
         ct, ov, mc = self.chunk_tokens, self.overlap, self.max_chars
         while True:
             e = min(T, s + ct)
-            if e < T:
-                # characters: the window's text runs to starts[e]
-                e_max = int(np.searchsorted(starts, starts[s] + mc, side="right")) - 1
-                e = min(e, max(e_max, s + 1))
+            # characters: tokens s..e_cap-1 start within max_chars of token s; a window that
+            # is not the last runs to starts[e], so needs e <= e_cap - 1
+            e_cap = int(np.searchsorted(starts, starts[s] + mc, side="right"))
+            if not (e == T and e_cap >= T):
+                e = max(s + 1, min(e, e_cap - 1))
             if e < T:
                 j = int(prev_ws[e])
                 if j > s + (e - s) // 2:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import sys
+import weakref
 import zlib
 
 import numpy as np
@@ -125,8 +126,23 @@ def encode(emb, texts: list[str], batch_size: int = 32) -> np.ndarray:
     return v
 
 
+_PROBES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def probe(emb) -> np.ndarray:
-    return encode(emb, [PROBE_TEXT])[0]
+    """The embedder's vector for :data:`PROBE_TEXT` (computed once per embedder object)."""
+    try:
+        cached = _PROBES.get(emb)
+    except TypeError:  # not weak-referenceable / not hashable
+        cached = None
+    if cached is not None:
+        return cached
+    p = encode(emb, [PROBE_TEXT])[0]
+    try:
+        _PROBES[emb] = p
+    except TypeError:
+        pass
+    return p
 
 
 def describe(emb) -> dict:

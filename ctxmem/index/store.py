@@ -48,7 +48,8 @@ def encode_store(records: list[dict], ids) -> bytes:
         parts.append(b)
         pos += len(b)
     offsets[-1] = pos
-    parts += [offsets.tobytes(), crcs.tobytes(), ids.tobytes(), _FOOTER.pack(len(records), pos, STORE_VERSION, END_MAGIC)]
+    footer = _FOOTER.pack(len(records), pos, STORE_VERSION, END_MAGIC)
+    parts += [offsets.tobytes(), crcs.tobytes(), ids.tobytes(), footer]
     return b"".join(parts)
 
 

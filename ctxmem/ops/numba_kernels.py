@@ -7,37 +7,47 @@ Two kernels, both fusing block scoring, top-k selection and attention with an on
   blocks + local window are streamed tile by tile straight from the cache (no gather copy). The
   re-rotation of moved keys (see ``layout.py``) is applied to the *queries* instead:
   ``q . R(d) k == R(-d) q . k``, so a block costs G small rotations instead of S key rotations.
+  Small decode steps (the usual case: ~0.3 ms at 16K for SmolLM2 shapes) run on one thread;
+  see ``PARALLEL_MIN_FLOPS``.
 * prefill chunk (``C > 1``): a first ``prange`` over (row, KV head) computes the selection and the
   cos/sin tables of every moved region; a second ``prange`` runs over (row, KV head, tile of 48/G
   query positions x G heads), so a chunk of 512 queries makes ~100 balanced tasks. Each task
   streams the key tiles; keys of moved regions are re-rotated into a 64 x D scratch tile (L1),
   the local window is read in place with the causal mask applied only to the tiles that need it.
 
-Inner loops are register-blocked (4 query rows x 4 keys for QK^T, 8 keys per pass for PV) and
+Inner loops are register-blocked (6 query rows x 2 keys for QK^T, 8 keys per pass for PV) and
 written so that LLVM vectorises them (AVX2/AVX-512); ``exp`` is a vectorisable Cephes-style
-``exp2`` polynomial (~2 ulp), scores are kept in log2 units (scale folded into the queries).
+``exp2`` polynomial (~2 ulp), scores are kept in log2 units (scale folded into the queries), and
+the row max comes out of the QK^T microkernel. About 60-70 GFLOP/s per Zen 4 core for each of
+QK^T and PV in fp32.
 
 Data, zero copy: K/V/reps are passed as flat 1-D views of their storage plus element strides, so
-the cache buffer (any batch/head strides, last dim contiguous) is read in place. fp32 tensors are
-read directly; bf16 tensors are read in place as their raw 16-bit patterns and widened to fp32
-in the kernel (exact; a shift), so bf16 costs no conversion pass over the cache. Only q (the
-chunk) is converted to fp32 (``C x Hq x D`` elements), and the fp32 output is cast back to q's
-dtype. Other dtypes (fp16, fp64) are declared unsupported (``auto`` then uses the reference).
+the cache buffer (any batch/head strides; each (row, head) a contiguous [positions, D] plane) is
+read in place. fp32 tensors are read directly. bf16 tensors are read in place as their raw 16-bit
+patterns and widened to fp32 in registers (exact: a shift), so bf16 needs no conversion pass over
+the cache and touches half the bytes; its cost is the widening, ~10% more compute time than fp32
+at 16K prefill (measured: 81 vs 74 ms of CPU time on one core). The only conversions are q (the
+chunk, ``C x Hq x D`` values) to fp32 and the fp32 output back to q's dtype. Other dtypes (fp16,
+fp64) are declared unsupported (``auto`` then uses the reference). A cache whose planes are not
+contiguous is copied once per call.
 
 Numerics: everything accumulates in fp32; re-rotated keys stay in fp32 (the reference rounds them
 to the storage dtype, so bf16 results differ by a bf16 rounding of moved keys, well inside bf16
 tolerance). Selection scores are accumulated in fp64 then rounded, ties go to the lower block
 index (as the reference). Inputs must be finite (``fastmath``); NaN/inf in q/k/v give garbage,
-not NaN.
+not NaN. The kernels are not meant to be called from several Python threads at once.
 
-Compilation: ``cache=True``, so only the first process on a machine compiles (~20 s for all four
-specialisations: decode/prefill x fp32/bf16); later processes load the cache (< 1 s). The first
-call of each specialisation in a process pays that load; ``warmup()`` does it up front.
+Compilation: ``cache=True``, so only the first process on a machine compiles (~40 s for all four
+specialisations, decode/prefill x fp32/bf16, on this 2-core machine); later processes load the
+cache (< 1 s). The first call of each specialisation in a process pays that load (or compile);
+``warmup()`` does it up front.
 """
 from __future__ import annotations
 
 import math
+import os
 
+import numba
 import numpy as np
 import torch
 from llvmlite import ir
@@ -46,14 +56,19 @@ from numba.extending import intrinsic, overload
 
 from .dispatch import register_backend
 from .layout import OpParams
+from .reference import retrieval_attention_ref
 
 LOG2E = 1.4426950408889634
 NEG = np.float32(-1.0e30)  # finite "minus infinity" (fastmath assumes no inf)
 TK = 64                    # keys per tile
 TQ_ROWS = 48               # query rows (positions x group heads) per prefill task
-MR = 4                     # query rows per microkernel pass
+MR = 6                     # query rows per microkernel pass (rows are padded to a multiple)
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
+# Decode calls estimated below this many flops run on one thread: a ~0.3 ms decode step gains
+# little from a second core, and on a loaded machine waking a descheduled worker thread can
+# cost 10 ms or more (measured here: 0.3 ms serial vs 3-12 ms with 2 threads under load).
+PARALLEL_MIN_FLOPS = int(os.environ.get("CTXMEM_NUMBA_PARALLEL_MIN_FLOPS", 30_000_000))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,28 +136,112 @@ def _exp2(x):
 # microkernels
 
 @njit(**_JIT)
-def _qk(Q, rows, K, kbase, ksp, nk, D, S):
-    """S[r, j] = Q[r, :D] . K[kbase + j*ksp : +D] for r < rows (multiple of 4), j < nk."""
-    for r in range(0, rows, 4):
+def _qk(Q, rows, K, p0, nk, D, S, mx):
+    """S[r, j] = Q[r, :D] . K[p0 + j, :D] for r < rows (multiple of 6), j < nk; mx[r] = row max.
+
+    6 query rows x 2 keys register block, the reduction over d vectorised (K is a 2-D
+    [positions, D] plane, read in place). The row max is folded in here: as a separate pass it
+    is a serial chain that LLVM does not vectorise. (6 x 2 measured fastest of 4x4, 4x2, 3x4,
+    2x8, 6x4, 8x2 on Zen 4: ~64 GFLOP/s fp32 on one core.)"""
+    for r in range(0, rows, 6):
+        m0 = m1 = m2 = m3 = m4 = m5 = NEG
         j = 0
-        while j + 4 <= nk:
-            o0 = kbase + j * ksp
-            o1 = o0 + ksp
-            o2 = o1 + ksp
-            o3 = o2 + ksp
-            s00 = s01 = s02 = s03 = np.float32(0.0)
-            s10 = s11 = s12 = s13 = np.float32(0.0)
-            s20 = s21 = s22 = s23 = np.float32(0.0)
-            s30 = s31 = s32 = s33 = np.float32(0.0)
+        while j + 2 <= nk:
+            ka = K[p0 + j]
+            kb = K[p0 + j + 1]
+            s00 = s01 = s10 = s11 = s20 = s21 = np.float32(0.0)
+            s30 = s31 = s40 = s41 = s50 = s51 = np.float32(0.0)
             for d in range(D):
                 q0 = Q[r, d]
                 q1 = Q[r + 1, d]
                 q2 = Q[r + 2, d]
                 q3 = Q[r + 3, d]
-                k0 = _ldf(K, o0 + d)
-                k1 = _ldf(K, o1 + d)
-                k2 = _ldf(K, o2 + d)
-                k3 = _ldf(K, o3 + d)
+                q4 = Q[r + 4, d]
+                q5 = Q[r + 5, d]
+                k0 = _ldf(ka, d)
+                k1 = _ldf(kb, d)
+                s00 += q0 * k0
+                s01 += q0 * k1
+                s10 += q1 * k0
+                s11 += q1 * k1
+                s20 += q2 * k0
+                s21 += q2 * k1
+                s30 += q3 * k0
+                s31 += q3 * k1
+                s40 += q4 * k0
+                s41 += q4 * k1
+                s50 += q5 * k0
+                s51 += q5 * k1
+            S[r, j] = s00
+            S[r, j + 1] = s01
+            S[r + 1, j] = s10
+            S[r + 1, j + 1] = s11
+            S[r + 2, j] = s20
+            S[r + 2, j + 1] = s21
+            S[r + 3, j] = s30
+            S[r + 3, j + 1] = s31
+            S[r + 4, j] = s40
+            S[r + 4, j + 1] = s41
+            S[r + 5, j] = s50
+            S[r + 5, j + 1] = s51
+            m0 = max(m0, s00, s01)
+            m1 = max(m1, s10, s11)
+            m2 = max(m2, s20, s21)
+            m3 = max(m3, s30, s31)
+            m4 = max(m4, s40, s41)
+            m5 = max(m5, s50, s51)
+            j += 2
+        if j < nk:
+            ka = K[p0 + j]
+            s00 = s10 = s20 = s30 = s40 = s50 = np.float32(0.0)
+            for d in range(D):
+                k0 = _ldf(ka, d)
+                s00 += Q[r, d] * k0
+                s10 += Q[r + 1, d] * k0
+                s20 += Q[r + 2, d] * k0
+                s30 += Q[r + 3, d] * k0
+                s40 += Q[r + 4, d] * k0
+                s50 += Q[r + 5, d] * k0
+            S[r, j] = s00
+            S[r + 1, j] = s10
+            S[r + 2, j] = s20
+            S[r + 3, j] = s30
+            S[r + 4, j] = s40
+            S[r + 5, j] = s50
+            m0 = max(m0, s00)
+            m1 = max(m1, s10)
+            m2 = max(m2, s20)
+            m3 = max(m3, s30)
+            m4 = max(m4, s40)
+            m5 = max(m5, s50)
+        mx[r] = m0
+        mx[r + 1] = m1
+        mx[r + 2] = m2
+        mx[r + 3] = m3
+        mx[r + 4] = m4
+        mx[r + 5] = m5
+
+
+@njit(**_JIT)
+def _qk_dec(Q, rows, K, p0, nk, D, S, mx):
+    """``_qk`` for the few rows of a decode step (the G queries of a group, rows a multiple of 2):
+    2 rows x 4 keys register block, so G = 3 pads to 4 rows, not 6."""
+    for r in range(0, rows, 2):
+        m0 = m1 = NEG
+        j = 0
+        while j + 4 <= nk:
+            ka = K[p0 + j]
+            kb = K[p0 + j + 1]
+            kc = K[p0 + j + 2]
+            kd = K[p0 + j + 3]
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
+            for d in range(D):
+                q0 = Q[r, d]
+                q1 = Q[r + 1, d]
+                k0 = _ldf(ka, d)
+                k1 = _ldf(kb, d)
+                k2 = _ldf(kc, d)
+                k3 = _ldf(kd, d)
                 s00 += q0 * k0
                 s01 += q0 * k1
                 s02 += q0 * k2
@@ -151,14 +250,6 @@ def _qk(Q, rows, K, kbase, ksp, nk, D, S):
                 s11 += q1 * k1
                 s12 += q1 * k2
                 s13 += q1 * k3
-                s20 += q2 * k0
-                s21 += q2 * k1
-                s22 += q2 * k2
-                s23 += q2 * k3
-                s30 += q3 * k0
-                s31 += q3 * k1
-                s32 += q3 * k2
-                s33 += q3 * k3
             S[r, j] = s00
             S[r, j + 1] = s01
             S[r, j + 2] = s02
@@ -167,46 +258,41 @@ def _qk(Q, rows, K, kbase, ksp, nk, D, S):
             S[r + 1, j + 1] = s11
             S[r + 1, j + 2] = s12
             S[r + 1, j + 3] = s13
-            S[r + 2, j] = s20
-            S[r + 2, j + 1] = s21
-            S[r + 2, j + 2] = s22
-            S[r + 2, j + 3] = s23
-            S[r + 3, j] = s30
-            S[r + 3, j + 1] = s31
-            S[r + 3, j + 2] = s32
-            S[r + 3, j + 3] = s33
+            m0 = max(m0, s00, s01, s02, s03)
+            m1 = max(m1, s10, s11, s12, s13)
             j += 4
         while j < nk:
-            o0 = kbase + j * ksp
-            s0 = s1 = s2 = s3 = np.float32(0.0)
+            ka = K[p0 + j]
+            s00 = s10 = np.float32(0.0)
             for d in range(D):
-                k0 = _ldf(K, o0 + d)
-                s0 += Q[r, d] * k0
-                s1 += Q[r + 1, d] * k0
-                s2 += Q[r + 2, d] * k0
-                s3 += Q[r + 3, d] * k0
-            S[r, j] = s0
-            S[r + 1, j] = s1
-            S[r + 2, j] = s2
-            S[r + 3, j] = s3
+                k0 = _ldf(ka, d)
+                s00 += Q[r, d] * k0
+                s10 += Q[r + 1, d] * k0
+            S[r, j] = s00
+            S[r + 1, j] = s10
+            m0 = max(m0, s00)
+            m1 = max(m1, s10)
             j += 1
+        mx[r] = m0
+        mx[r + 1] = m1
 
 
 @njit(**_JIT)
-def _pv(P, rows, V, vbase, vsp, nk, D, O):
-    """O[r, :D] += sum_j P[r, j] * V[vbase + j*vsp : +D] for r < rows, j < nk."""
+def _pv(P, rows, V, p0, nk, D, O):
+    """O[r, :D] += sum_j P[r, j] * V[p0 + j, :D] for r < rows, j < nk (8 keys per pass)."""
     j = 0
     while j + 8 <= nk:
-        o0 = vbase + j * vsp
-        o1 = o0 + vsp
-        o2 = o1 + vsp
-        o3 = o2 + vsp
-        o4 = o3 + vsp
-        o5 = o4 + vsp
-        o6 = o5 + vsp
-        o7 = o6 + vsp
+        a = p0 + j
+        v0 = V[a]
+        v1 = V[a + 1]
+        v2 = V[a + 2]
+        v3 = V[a + 3]
+        v4 = V[a + 4]
+        v5 = V[a + 5]
+        v6 = V[a + 6]
+        v7 = V[a + 7]
         for r in range(rows):
-            p0 = P[r, j]
+            p0_ = P[r, j]
             p1 = P[r, j + 1]
             p2 = P[r, j + 2]
             p3 = P[r, j + 3]
@@ -215,29 +301,27 @@ def _pv(P, rows, V, vbase, vsp, nk, D, O):
             p6 = P[r, j + 6]
             p7 = P[r, j + 7]
             for d in range(D):
-                O[r, d] += ((p0 * _ldf(V, o0 + d) + p1 * _ldf(V, o1 + d))
-                            + (p2 * _ldf(V, o2 + d) + p3 * _ldf(V, o3 + d))) \
-                    + ((p4 * _ldf(V, o4 + d) + p5 * _ldf(V, o5 + d))
-                       + (p6 * _ldf(V, o6 + d) + p7 * _ldf(V, o7 + d)))
+                O[r, d] += ((p0_ * _ldf(v0, d) + p1 * _ldf(v1, d))
+                            + (p2 * _ldf(v2, d) + p3 * _ldf(v3, d))) \
+                    + ((p4 * _ldf(v4, d) + p5 * _ldf(v5, d))
+                       + (p6 * _ldf(v6, d) + p7 * _ldf(v7, d)))
         j += 8
     while j < nk:
-        o0 = vbase + j * vsp
+        v0 = V[p0 + j]
         for r in range(rows):
-            p0 = P[r, j]
+            p0_ = P[r, j]
             for d in range(D):
-                O[r, d] += p0 * _ldf(V, o0 + d)
+                O[r, d] += p0_ * _ldf(v0, d)
         j += 1
 
 
 @njit(**_JIT)
-def _softmax_step(S, rows, nk, m, l, O, D):
-    """Online-softmax update with the scores S[:rows, :nk] (log2 units); S becomes P."""
+def _softmax_step(S, rows, nk, mx, m, l, O, D):
+    """Online-softmax update with the scores S[:rows, :nk] (log2 units, row maxima mx);
+    S becomes P."""
     for r in range(rows):
-        mt = NEG
-        for j in range(nk):
-            mt = max(mt, S[r, j])
         mo = m[r]
-        mn = max(mo, mt)
+        mn = max(mo, mx[r])
         tot = np.float32(0.0)
         for j in range(nk):
             p = _exp2(S[r, j] - mn)
@@ -254,12 +338,19 @@ def _softmax_step(S, rows, nk, m, l, O, D):
 
 
 @njit(**_JIT)
-def _causal_mask(S, rows, nk, kpos0, qpos0, G):
-    """Row r is the query at position qpos0 + r // G; mask keys at positions > it."""
+def _causal_mask(S, rows, nk, kpos0, qpos0, G, mx):
+    """Row r is the query at position qpos0 + r // G; mask keys at positions > it, and
+    recompute the row maxima over what stays visible."""
     for r in range(rows):
         first = qpos0 + r // G - kpos0 + 1  # first masked column
         if first < 0:
             first = 0
+        if first >= nk:
+            continue
+        mt = NEG
+        for j in range(first):
+            mt = max(mt, S[r, j])
+        mx[r] = mt
         for j in range(first, nk):
             S[r, j] = NEG
 
@@ -276,14 +367,14 @@ def _rot_table(delta, invf, cs):
 
 
 @njit(**_JIT)
-def _rotate_keys(K, kbase, ksp, nk, D, cs, Ks):
-    """Ks[j] = rerotate(K[kbase + j*ksp]) with the table cs (rotate-half convention)."""
+def _rotate_keys(K, p0, nk, D, cs, Ks):
+    """Ks[j] = rerotate(K[p0 + j]) with the table cs (rotate-half convention), in fp32."""
     h = D // 2
     for j in range(nk):
-        o = kbase + j * ksp
+        kr = K[p0 + j]
         for i in range(h):
-            a = _ldf(K, o + i)
-            b = _ldf(K, o + h + i)
+            a = _ldf(kr, i)
+            b = _ldf(kr, h + i)
             c = cs[i]
             s = cs[h + i]
             Ks[j, i] = a * c - b * s
@@ -305,17 +396,28 @@ def _rotate_queries(Q, rows, D, cs, Qr):
 
 
 @njit(**_JIT)
-def _select(qbar, R_, D, reps, rbase, rsj, rsr, nmid, nsel, scaling, bias, bi, has_bias, out):
-    """Top-``nsel`` of the ``nmid`` block scores, ascending, ties to the lower index -> out."""
+def _plane(flat, off, rows, D):
+    """The [rows, D] matrix starting at element ``off`` of a flat storage view (no copy)."""
+    return flat[off:off + rows * D].reshape(rows, D)
+
+
+@njit(**_JIT)
+def _select(qbar, R_, D, reps, nmid, nsel, scaling, bias, bi, has_bias, out):
+    """Top-``nsel`` of the ``nmid`` block scores, ascending, ties to the lower index -> out.
+
+    ``reps`` is the [nb * R, D] plane of one (row, head); scores accumulate in fp64."""
     sc = np.empty(nmid, np.float32)
     sf = np.float32(scaling)
+    q64 = np.empty(D, np.float64)
+    for d in range(D):
+        q64[d] = qbar[d]
     for j in range(nmid):
         best = -1.0e300
         for r in range(R_):
-            o = rbase + j * rsj + r * rsr
+            rr = reps[j * R_ + r]
             acc = 0.0
             for d in range(D):
-                acc += np.float64(qbar[d]) * np.float64(_ldf(reps, o + d))
+                acc += q64[d] * np.float64(_ldf(rr, d))
             best = max(best, acc)
         s = np.float32(np.float32(best) * sf)
         if has_bias:
@@ -348,8 +450,7 @@ def _layout(t, S, topk, sink, local):
 
 
 @njit(**_JIT)
-def _group_selection(q, b, h, G, C, n, D, reps, rbase, rsj, rsr, R_, nmid, nsel, scaling,
-                     bias, has_bias, sel_out):
+def _group_selection(q, b, h, G, C, n, D, reps, R_, nmid, nsel, scaling, bias, has_bias, sel_out):
     """Selection for one (row, KV head); mirrors the reference (take all when it fits)."""
     if nsel == nmid:
         for i in range(nsel):
@@ -366,20 +467,20 @@ def _group_selection(q, b, h, G, C, n, D, reps, rbase, rsj, rsr, R_, nmid, nsel,
     qbar = np.empty(D, np.float32)
     for d in range(D):
         qbar[d] = np.float32(acc[d] / (G * n))
-    _select(qbar, R_, D, reps, rbase, rsj, rsr, nmid, nsel, scaling, bias, b, has_bias, sel_out)
+    _select(qbar, R_, D, reps, nmid, nsel, scaling, bias, b, has_bias, sel_out)
 
 
 # ---------------------------------------------------------------------------------------------
 # decode (C == 1)
 
 @njit(parallel=True, **_JIT)
-def _decode_kernel(q, kf, vf, ksb, ksh, ksp, vsb, vsh, vsp, repsf, rsb, rsh, rsj, rsr, R_,
+def _decode_kernel(q, kf, vf, ksb, ksh, vsb, vsh, cap, repsf, rsb, rsh, nb, R_,
                    lengths, n_new, S, topk, sink, local, scaling, invf, bias, has_bias,
                    out, selected):
     B, Hq, C, D = q.shape
     Hkv = selected.shape[1]
     G = Hq // Hkv
-    rows = ((G + MR - 1) // MR) * MR
+    rows = ((G + 1) // 2) * 2  # _qk_dec works on pairs of rows; PV/softmax on the G real ones
     qscale = np.float32(scaling * LOG2E)
     for task in prange(B * Hkv):
         b = task // Hkv
@@ -391,8 +492,10 @@ def _decode_kernel(q, kf, vf, ksb, ksh, ksp, vsb, vsh, vsp, repsf, rsb, rsh, rsj
         t = L - n
         s_end, nmid, local_start, nsel = _layout(t, S, topk, sink, local)
         sel = selected[b, h]
-        _group_selection(q, b, h, G, C, n, D, repsf, b * rsb + h * rsh, rsj, rsr, R_, nmid, nsel,
-                         scaling, bias, has_bias, sel)
+        _group_selection(q, b, h, G, C, n, D, _plane(repsf, b * rsb + h * rsh, nb * R_, D), R_,
+                         nmid, nsel, scaling, bias, has_bias, sel)
+        Kp = _plane(kf, b * ksb + h * ksh, cap, D)
+        Vp = _plane(vf, b * vsb + h * vsh, cap, D)
         Qs = np.zeros((rows, D), np.float32)
         for g in range(G):
             for d in range(D):
@@ -402,9 +505,8 @@ def _decode_kernel(q, kf, vf, ksb, ksh, ksp, vsb, vsh, vsp, repsf, rsb, rsh, rsj
         Sc = np.empty((rows, TK), np.float32)
         O = np.zeros((rows, D), np.float32)
         m = np.full(rows, NEG, np.float32)
+        mx = np.empty(rows, np.float32)
         l = np.zeros(rows, np.float32)
-        kb = b * ksb + h * ksh
-        vb = b * vsb + h * vsh
         # regions: -1 = sinks, 0..nsel-1 = selected blocks, nsel = local window
         for reg in range(-1, nsel + 1):
             if reg == -1:
@@ -430,9 +532,9 @@ def _decode_kernel(q, kf, vf, ksb, ksh, ksp, vsb, vsh, vsp, repsf, rsb, rsh, rsj
                 Qx = Qs
             for j0 in range(0, cnt, TK):
                 nk = min(TK, cnt - j0)
-                _qk(Qx, rows, kf, kb + (p0 + j0) * ksp, ksp, nk, D, Sc)
-                _softmax_step(Sc, rows, nk, m, l, O, D)
-                _pv(Sc, rows, vf, vb + (p0 + j0) * vsp, vsp, nk, D, O)
+                _qk_dec(Qx, rows, Kp, p0 + j0, nk, D, Sc, mx)
+                _softmax_step(Sc, G, nk, mx, m, l, O, D)
+                _pv(Sc, G, Vp, p0 + j0, nk, D, O)
         for g in range(G):
             inv = np.float32(1.0) / l[g]
             for d in range(D):
@@ -443,7 +545,7 @@ def _decode_kernel(q, kf, vf, ksb, ksh, ksp, vsb, vsh, vsp, repsf, rsb, rsh, rsj
 # prefill chunk (C > 1)
 
 @njit(parallel=True, **_JIT)
-def _prefill_select(q, repsf, rsb, rsh, rsj, rsr, R_, lengths, n_new, S, topk, sink, local,
+def _prefill_select(q, repsf, rsb, rsh, nb, R_, lengths, n_new, S, topk, sink, local,
                     scaling, invf, bias, has_bias, selected, rot):
     """Phase 1: per (row, KV head) selection + cos/sin tables (slot 0 sinks, 1+i block i)."""
     B, Hq, C, D = q.shape
@@ -458,15 +560,15 @@ def _prefill_select(q, repsf, rsb, rsh, rsj, rsr, R_, lengths, n_new, S, topk, s
         t = lengths[b] - n
         s_end, nmid, local_start, nsel = _layout(t, S, topk, sink, local)
         sel = selected[b, h]
-        _group_selection(q, b, h, G, C, n, D, repsf, b * rsb + h * rsh, rsj, rsr, R_, nmid, nsel,
-                         scaling, bias, has_bias, sel)
+        _group_selection(q, b, h, G, C, n, D, _plane(repsf, b * rsb + h * rsh, nb * R_, D), R_,
+                         nmid, nsel, scaling, bias, has_bias, sel)
         _rot_table((nmid - nsel) * S, invf, rot[b, h, 0])
         for i in range(nsel):
             _rot_table((nmid - nsel + i - sel[i]) * S, invf, rot[b, h, 1 + i])
 
 
 @njit(parallel=True, **_JIT)
-def _prefill_attend(q, kf, vf, ksb, ksh, ksp, vsb, vsh, vsp, lengths, n_new, S, topk, sink,
+def _prefill_attend(q, kf, vf, ksb, ksh, vsb, vsh, cap, lengths, n_new, S, topk, sink,
                     local, scaling, tq, tasks, selected, rot, out):
     """Phase 2: one task per (row, KV head, tile of tq query positions x G heads)."""
     B, Hq, C, D = q.shape
@@ -484,6 +586,8 @@ def _prefill_attend(q, kf, vf, ksb, ksh, ksp, vsb, vsh, vsp, lengths, n_new, S, 
         s_end, nmid, local_start, nsel = _layout(t, S, topk, sink, local)
         npos = min(tq, n - i0)
         rows = ((npos * G + MR - 1) // MR) * MR
+        Kp = _plane(kf, b * ksb + h * ksh, cap, D)
+        Vp = _plane(vf, b * vsb + h * vsh, cap, D)
         Qs = np.zeros((rows_max, D), np.float32)
         for pi in range(npos):
             ci = C - n + i0 + pi
@@ -494,9 +598,8 @@ def _prefill_attend(q, kf, vf, ksb, ksh, ksp, vsb, vsh, vsp, lengths, n_new, S, 
         Ks = np.empty((TK, D), np.float32)
         O = np.zeros((rows_max, D), np.float32)
         m = np.full(rows_max, NEG, np.float32)
+        mx = np.empty(rows_max, np.float32)
         l = np.zeros(rows_max, np.float32)
-        kb = b * ksb + h * ksh
-        vb = b * vsb + h * vsh
         qpos0 = t + i0
         qlast = qpos0 + npos - 1
         sel = selected[b, h]
@@ -516,14 +619,14 @@ def _prefill_attend(q, kf, vf, ksb, ksh, ksp, vsb, vsh, vsp, lengths, n_new, S, 
             for j0 in range(0, cnt, TK):
                 nk = min(TK, cnt - j0)
                 if moved:
-                    _rotate_keys(kf, kb + (p0 + j0) * ksp, ksp, nk, D, rot[b, h, reg + 1], Ks)
-                    _qk(Qs, rows, Ks.reshape(TK * D), 0, D, nk, D, Sc)
+                    _rotate_keys(Kp, p0 + j0, nk, D, rot[b, h, reg + 1], Ks)
+                    _qk(Qs, rows, Ks, 0, nk, D, Sc, mx)
                 else:
-                    _qk(Qs, rows, kf, kb + (p0 + j0) * ksp, ksp, nk, D, Sc)
+                    _qk(Qs, rows, Kp, p0 + j0, nk, D, Sc, mx)
                 if p0 + j0 + nk - 1 > qpos0:
-                    _causal_mask(Sc, rows, nk, p0 + j0, qpos0, G)
-                _softmax_step(Sc, rows, nk, m, l, O, D)
-                _pv(Sc, rows, vf, vb + (p0 + j0) * vsp, vsp, nk, D, O)
+                    _causal_mask(Sc, rows, nk, p0 + j0, qpos0, G, mx)
+                _softmax_step(Sc, rows, nk, mx, m, l, O, D)
+                _pv(Sc, rows, Vp, p0 + j0, nk, D, O)
         for pi in range(npos):
             ci = C - n + i0 + pi
             for g in range(G):
@@ -539,14 +642,22 @@ def _prefill_attend(q, kf, vf, ksb, ksh, ksp, vsb, vsh, vsp, lengths, n_new, S, 
 _SUPPORTED = (torch.float32, torch.bfloat16)
 
 
-def _flat(x: torch.Tensor):
-    """Zero-copy flat 1-D numpy view of ``x``'s storage span, plus element strides.
+def _flat(x: torch.Tensor, inner: int):
+    """Zero-copy flat 1-D numpy view of ``x``'s storage span, plus its element strides.
 
-    fp32 -> float32 array, bf16 -> int16 array of the raw bits. Needs the last dim contiguous
-    (else one copy is made)."""
+    fp32 -> float32 array, bf16 -> int16 array of the raw bits. The last ``inner`` dims must be
+    contiguous (each (row, head) is then one [positions, D] plane); otherwise one copy is made."""
     if x.dtype not in _SUPPORTED:
         x = x.float()
-    if x.stride(-1) != 1:
+    if x.numel() == 0:  # e.g. no block representatives yet: nothing will be read
+        x = torch.zeros(1, dtype=x.dtype).expand(x.shape).contiguous()
+        return np.zeros(1, np.int16 if x.dtype == torch.bfloat16 else np.float32), x.stride()
+    want, st = 1, list(x.stride())
+    ok = True
+    for i in range(1, inner + 1):
+        ok = ok and (x.shape[-i] == 1 or st[-i] == want)
+        want *= x.shape[-i]
+    if not ok:
         x = x.contiguous()
     span = 1 + sum((s - 1) * st for s, st in zip(x.shape, x.stride()))
     flat = torch.as_strided(x, (span,), (1,), x.storage_offset())
@@ -571,7 +682,9 @@ def _split_tasks(n_new: np.ndarray, Hkv: int, tq: int) -> np.ndarray:
 def retrieval_attention_numba(q, k, v, reps, lengths, n_new, params: OpParams, inv_freq, bias=None):
     """numba implementation of ``retrieval_attention_ref`` (same signature and results)."""
     B, Hq, C, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, cap = k.shape[1], k.shape[2]
+    if q.numel() == 0 or k.numel() == 0:
+        return retrieval_attention_ref(q, k, v, reps, lengths, n_new, params, inv_freq, bias)
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     if D % 2:
@@ -579,14 +692,14 @@ def retrieval_attention_numba(q, k, v, reps, lengths, n_new, params: OpParams, i
     G = Hq // Hkv
     S, topk = int(params.block_size), int(params.topk)
     q32 = q.detach().to(torch.float32).contiguous().numpy()
-    if k.dtype != v.dtype:  # one specialisation per dtype pair is enough
+    if k.dtype != v.dtype:  # one specialisation per dtype is enough
         k, v = k.float(), v.float()
-    kf, kst = _flat(k.detach())
-    vf, vst = _flat(v.detach())
-    R_ = reps.shape[3]
+    kf, kst = _flat(k.detach(), 2)
+    vf, vst = _flat(v.detach(), 2)
+    nb, R_ = reps.shape[2], reps.shape[3]
     if reps.dtype != k.dtype:
         reps = reps.to(k.dtype if k.dtype in _SUPPORTED else torch.float32)
-    rf, rst = _flat(reps.detach())
+    rf, rst = _flat(reps.detach(), 3)
     lens = _ints(lengths, B)
     nn = _ints(n_new, B)
     invf = inv_freq.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -597,22 +710,29 @@ def retrieval_attention_numba(q, k, v, reps, lengths, n_new, params: OpParams, i
     out = np.zeros((B, Hq, C, D), np.float32)
     selected = np.full((B, Hkv, topk), -1, np.int64)
     scaling = float(params.scaling)
+    sink, local = int(params.sink), int(params.local)
     if C == 1:
-        _decode_kernel(q32, kf, vf, kst[0], kst[1], kst[2], vst[0], vst[1], vst[2],
-                       rf, rst[0], rst[1], rst[2], rst[3], R_, lens, nn, S, topk,
-                       int(params.sink), int(params.local), scaling, invf, b32, has_bias,
-                       out, selected)
+        span = sink + topk * S + local + S
+        nmid = max(0, (int(lens.max(initial=0)) - local - sink) // S)
+        work = B * Hkv * (4 * G * span * D + 2 * nmid * R_ * D)
+        threads = numba.get_num_threads()
+        if work < PARALLEL_MIN_FLOPS and threads > 1:
+            numba.set_num_threads(1)
+        try:
+            _decode_kernel(q32, kf, vf, kst[0], kst[1], vst[0], vst[1], cap, rf, rst[0], rst[1], nb,
+                           R_, lens, nn, S, topk, sink, local, scaling, invf, b32, has_bias, out,
+                           selected)
+        finally:
+            numba.set_num_threads(threads)
     else:
         rot = np.zeros((B, Hkv, topk + 1, D), np.float32)
-        _prefill_select(q32, rf, rst[0], rst[1], rst[2], rst[3], R_, lens, nn, S, topk,
-                        int(params.sink), int(params.local), scaling, invf, b32, has_bias,
-                        selected, rot)
+        _prefill_select(q32, rf, rst[0], rst[1], nb, R_, lens, nn, S, topk, sink, local, scaling,
+                        invf, b32, has_bias, selected, rot)
         tq = max(1, TQ_ROWS // G)
         tasks = _split_tasks(nn, Hkv, tq)
         if tasks.shape[0]:
-            _prefill_attend(q32, kf, vf, kst[0], kst[1], kst[2], vst[0], vst[1], vst[2],
-                            lens, nn, S, topk, int(params.sink), int(params.local), scaling, tq,
-                            tasks, selected, rot, out)
+            _prefill_attend(q32, kf, vf, kst[0], kst[1], vst[0], vst[1], cap, lens, nn, S, topk,
+                            sink, local, scaling, tq, tasks, selected, rot, out)
     o = torch.from_numpy(out)
     return (o if q.dtype == torch.float32 else o.to(q.dtype)), torch.from_numpy(selected)
 

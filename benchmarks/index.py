@@ -1,0 +1,272 @@
+"""Knowledge-index benchmark: builder throughput against the embedder's own, and ANN latency/recall.
+
+(a) the embedder alone: ``SentenceTransformer.encode`` over the chunk texts - the limit;
+(b) the full builder: ``KnowledgeIndex.build`` on the same files, giving the same chunks
+    (discovery, reading, hashing, chunking, embedding, chunk store, commits with fsync, index).
+Both in the same process, interleaved, model loaded once; target: (b) <= 1.1 x (a).
+
+(c) query latency (one query at a time, p50/p99) and recall@10 against exact search for
+    each index type at 100K and 1M synthetic 384-d vectors (topic clusters, each varying in a
+    low-rank subspace; see ctxmem.index.testing.synthetic_vectors), held-out queries;
+    target p99 <= 5 ms with recall@10 >= 0.95. The searches go through the same
+    ``ann.Searcher`` the KB uses.
+
+Writes benchmarks/results/index.json and benchmarks/results/index.png.
+
+    python benchmarks/index.py                       # defaults: ~120 chunks x 4, 100K and 1M vectors
+    python benchmarks/index.py --sizes 100000 --chunks 100 --kinds hnsw   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def make_corpus(dest: Path, target_chunks: int, chars_per_chunk: int = 800) -> int:
+    """Copy real text (the Python standard library's own sources) until ~target_chunks chunks."""
+    lib = Path(os.__file__).parent
+    files = sorted(p for p in lib.glob("*.py") if p.stat().st_size > 2000)
+    budget, total = target_chunks * chars_per_chunk, 0
+    dest.mkdir(parents=True)
+    for p in files:
+        if total >= budget:
+            break
+        text = p.read_text(encoding="utf-8", errors="replace")[: budget - total]
+        (dest / p.name).write_text(text, encoding="utf-8")
+        total += len(text)
+    return total
+
+
+def bench_build(args) -> dict:
+    import ctxmem
+    from ctxmem.index import KnowledgeIndex
+
+    model = ctxmem.load_embedder(args.embedder)
+    work = Path(tempfile.mkdtemp(prefix="ctxmem-bench-index-"))
+    try:
+        chars = make_corpus(work / "corpus", args.chunks)
+        kw = dict(embedder=model, chunk_tokens=args.chunk_tokens, overlap=args.overlap, progress=False,
+                  batch_size=args.batch_size)
+        # warm-up: one untimed build (first-call costs: threads, allocator, kernels for these
+        # shapes, the embedder probe); it also gives the chunk texts for (a)
+        model.encode(["warm up"] * 64, batch_size=args.batch_size)
+        warm = KnowledgeIndex.build([work / "corpus"], work / "kb-warm", **kw)
+        texts = [h.text for _, h in warm.iter_chunks()]
+        log(f"build: {len(texts)} chunks, {chars} chars of text")
+        runs = {k: [] for k in ("embedder", "builder", "builder_embed_part", "embedder_cpu", "builder_cpu")}
+
+        def run_builder(rep):
+            t0, c0 = time.perf_counter(), time.process_time()
+            b = KnowledgeIndex.build([work / "corpus"], work / f"kb{rep}", **kw)
+            runs["builder"].append(time.perf_counter() - t0)
+            runs["builder_cpu"].append(time.process_time() - c0)
+            runs["builder_embed_part"].append(b.last_summary["embed_seconds"])
+            assert sorted(h.text for _, h in b.iter_chunks()) == sorted(texts), "not the same chunks"
+
+        def run_embedder():
+            t0, c0 = time.perf_counter(), time.process_time()
+            model.encode(texts, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                         show_progress_bar=False)
+            runs["embedder"].append(time.perf_counter() - t0)
+            runs["embedder_cpu"].append(time.process_time() - c0)
+
+        for rep in range(args.repeats):  # interleaved, alternating which goes first
+            if rep % 2 == 0:
+                run_builder(rep)
+                run_embedder()
+            else:
+                run_embedder()
+                run_builder(rep)
+            log(f"  rep {rep}: builder {runs['builder'][-1]:.2f} s wall / {runs['builder_cpu'][-1]:.2f} s cpu "
+                f"(embedding {runs['builder_embed_part'][-1]:.2f} s of it), embedder alone "
+                f"{runs['embedder'][-1]:.2f} s wall / {runs['embedder_cpu'][-1]:.2f} s cpu")
+        # rerun on the unchanged corpus: no embedding at all
+        t0 = time.perf_counter()
+        again = KnowledgeIndex.build([work / "corpus"], work / "kb0", **kw)
+        rerun = time.perf_counter() - t0
+        # end-to-end KB query latency (embed the query + search + read the chunk)
+        qs = [t[:120] for t in texts[:: max(1, len(texts) // 50)]]
+        lat = []
+        for q in qs:
+            t0 = time.perf_counter()
+            again.search(q, k=5)
+            lat.append(time.perf_counter() - t0)
+        emb_t, bld_t = min(runs["embedder"]), min(runs["builder"])
+        ratios = [b / e for b, e in zip(runs["builder"], runs["embedder"])]
+        cpu_ratio = min(runs["builder_cpu"]) / min(runs["embedder_cpu"])
+        overhead = [b - e for b, e in zip(runs["builder"], runs["builder_embed_part"])]
+        return {
+            "embedder": args.embedder, "chunks": len(texts), "chunk_tokens": args.chunk_tokens,
+            "overlap": args.overlap, "batch_size": args.batch_size, "corpus_chars": chars,
+            "embedder_seconds": runs["embedder"], "builder_seconds": runs["builder"],
+            "embedder_cpu_seconds": runs["embedder_cpu"], "builder_cpu_seconds": runs["builder_cpu"],
+            "builder_embedding_seconds": runs["builder_embed_part"],
+            "builder_overhead_seconds": overhead,
+            "builder_overhead_fraction": float(np.median(
+                [o / e for o, e in zip(overhead, runs["builder_embed_part"])])),
+            "embedder_chunks_per_s": len(texts) / emb_t, "builder_chunks_per_s": len(texts) / bld_t,
+            "ratio_best": bld_t / emb_t, "ratio_cpu_best": cpu_ratio,
+            "ratio_per_rep": ratios, "ratio_median": float(np.median(ratios)),
+            "ratio_total": sum(runs["builder"]) / sum(runs["embedder"]),
+            "rerun_unchanged_seconds": rerun, "rerun_chunks_embedded": again.last_summary["chunks_embedded"],
+            "kb_query_ms_p50": 1e3 * float(np.percentile(lat, 50)),
+            "kb_query_ms_p99": 1e3 * float(np.percentile(lat, 99)),
+            "target_ratio": 1.1,
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_ann(args) -> list[dict]:
+    import faiss
+
+    from ctxmem.index import ann
+    from ctxmem.index.testing import synthetic_vectors
+
+    rows = []
+    for n in args.sizes:
+        t0 = time.perf_counter()
+        allv = synthetic_vectors(n + args.queries, args.dim, seed=n)
+        x, q = allv[:n], allv[n:]
+        del allv
+        gen_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        exact = faiss.IndexFlatIP(args.dim)
+        exact.add(x)
+        _, truth = exact.search(q, 10)
+        gt_s = time.perf_counter() - t0
+        del exact
+        log(f"ann n={n}: vectors {gen_s:.1f} s, exact top-10 of {len(q)} queries {gt_s:.1f} s")
+        ids = np.arange(n, dtype=np.int64)
+        for kind in args.kinds:
+            if kind == "flat" and n > args.flat_max:
+                continue
+            params = ann.default_params(kind, n, args.dim)
+            t0 = time.perf_counter()
+            index = ann.create(kind, x, ids, params)
+            build_s = time.perf_counter() - t0
+            searcher = ann.Searcher(index, kind)
+            for v in q[:20]:
+                searcher.search(v[None], 10)  # warm
+            nq = len(q) if kind != "flat" or n <= 100_000 else min(len(q), 200)  # exact search is slow
+            lat, cpu, got = [], [], np.empty((nq, 10), np.int64)
+            for i, v in enumerate(q[:nq]):
+                t1, c1 = time.perf_counter(), time.thread_time()
+                _, got[i:i + 1] = searcher.search(v[None], 10)
+                lat.append(time.perf_counter() - t1)
+                cpu.append(time.thread_time() - c1)
+            recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth[:nq])]))
+            row = {"n": n, "dim": args.dim, "index": kind, "params": params, "build_seconds": build_s,
+                   "queries": nq, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+                   "p99_ms": 1e3 * float(np.percentile(lat, 99)), "recall_at_10": recall,
+                   "cpu_p50_ms": 1e3 * float(np.percentile(cpu, 50)), "cpu_p99_ms": 1e3 * float(np.percentile(cpu, 99)),
+                   "meets_target": bool(np.percentile(lat, 99) * 1e3 <= 5.0 and recall >= 0.95)}
+            rows.append(row)
+            log(f"  {kind:6s} build {build_s:7.1f} s  p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  "
+                f"(cpu p99 {row['cpu_p99_ms']:.3f} ms)  recall@10 {recall:.4f}")
+            del index, searcher
+            gc.collect()
+        del x, q
+        gc.collect()
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 2]})
+    b = result.get("build")
+    if b:
+        vals = [b["embedder_chunks_per_s"], b["builder_chunks_per_s"]]
+        bars = a1.bar(["embedder alone\n(encode)", "full builder"], vals, color=["#888", "#2a7"])
+        for bar, v in zip(bars, vals):
+            a1.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom")
+        a1.set_ylabel("chunks / second")
+        a1.set_title(f"build rate, {b['chunks']} chunks of {b['chunk_tokens']} tokens (best of "
+                     f"{len(b['builder_seconds'])})\nbuilder / embedder: wall {b['ratio_best']:.3f}, cpu "
+                     f"{b['ratio_cpu_best']:.3f}; non-embedding work {100 * b['builder_overhead_fraction']:.1f}%"
+                     " (target <= 1.1)", fontsize=9)
+    rows = result.get("ann", [])
+    if rows:
+        labels = [f"{r['index']}\n{r['n'] // 1000}K" for r in rows]
+        xs = np.arange(len(rows))
+        a2.bar(xs - 0.2, [r["p50_ms"] for r in rows], 0.4, label="p50", color="#59c")
+        a2.bar(xs + 0.2, [r["p99_ms"] for r in rows], 0.4, label="p99", color="#c55")
+        for x, r in zip(xs, rows):
+            a2.text(x, r["p99_ms"] * 1.15, f"R@10\n{r['recall_at_10']:.3f}", ha="center", va="bottom", fontsize=8)
+        a2.axhline(5.0, color="k", ls="--", lw=1, label="target p99 5 ms")
+        a2.set_yscale("log")
+        a2.set_xticks(xs, labels)
+        a2.set_ylabel("query latency (ms, one query, 1 thread)")
+        a2.set_ylim(top=max(r["p99_ms"] for r in rows) * 6)
+        a2.set_title("query latency and recall@10 vs exact, synthetic 384-d vectors")
+        a2.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--embedder", default="minilm")
+    ap.add_argument("--chunks", type=int, default=120, help="about this many chunks for the build benchmark")
+    ap.add_argument("--chunk-tokens", type=int, default=200, help="200 tokens ~ 150 words")
+    ap.add_argument("--overlap", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=4, help="interleaved (embedder, builder) pairs")
+    ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[100_000, 1_000_000])
+    ap.add_argument("--kinds", type=lambda s: s.split(","), default=["flat", "hnsw", "ivfpq"])
+    ap.add_argument("--flat-max", type=int, default=1_000_000, help="skip flat above this size")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--skip-ann", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "index.json"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
+                    "cuda": torch.cuda.is_available()},
+        "args": {k: v for k, v in vars(args).items()},
+    }
+    t0 = time.perf_counter()
+    if not args.skip_build:
+        result["build"] = bench_build(args)
+    if not args.skip_ann:
+        result["ann"] = bench_ann(args)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["seconds"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    log(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

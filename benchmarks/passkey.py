@@ -1,0 +1,188 @@
+"""Passkey retrieval: ctxmem vs the stock model, SmolLM2-135M, same run.
+
+A 5-digit number is hidden at several depths of a long haystack (repeated filler, and real
+prose: the Python reference manual); the answer counts as found when the number appears in the
+first generated tokens. Writes benchmarks/results/passkey.json, passkey_heatmap.png (depth x
+length, green = found) and passkey_time.png (time to answer vs context length).
+
+    python -m benchmarks.passkey                       # the README table (about 40 minutes here)
+    python -m benchmarks.passkey --lengths 4096,8192 --depths 0.5 --haystacks filler   # quick look
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import ctxmem
+from benchmarks.common import Timer, found, machine, passkey_key, passkey_prompt, peak_rss_mb, write_json, RESULTS
+
+
+class TokenClock:
+    """A generate() streamer that timestamps each new token: prefill vs per-token decode time."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def answer(model, tok, ids, max_new_tokens):
+    clock = TokenClock()
+    with Timer() as t:
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
+                             pad_token_id=tok.eos_token_id)
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    # stamps[0]: prompt handed over; stamps[1]: first new token (after prefill); then one per token
+    s = clock.stamps
+    decode = (s[-1] - s[1]) / (len(s) - 2) if len(s) > 2 else float("nan")
+    return text, t.seconds, s[1] - s[0] if len(s) > 1 else t.seconds, decode
+
+
+def run(args):
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    model, tok = ctxmem.load_model("smollm2")
+    cfg = ctxmem.MemoryConfig(**args.config)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    haystacks = args.haystacks.split(",")
+    rows = []
+
+    def one(method, kind, n, d, i):
+        key = passkey_key(1000 * i + n)
+        ids = passkey_prompt(tok, kind, n, d, key, seed=i)
+        text, sec, prefill, decode = answer(model, tok, ids, args.max_new_tokens)
+        row = dict(method=method, haystack=kind, length=n, tokens=ids.shape[1], depth=d, key=key,
+                   found=found(text, key), answer=text, seconds=round(sec, 2), prefill_seconds=round(prefill, 2),
+                   decode_ms_per_token=round(1000 * decode, 1), peak_rss_mb=round(peak_rss_mb()))
+        rows.append(row)
+        print(f"{method:7s} {kind:6s} {n:>6d} d={d:.1f} found={row['found']!s:5s} {sec:6.1f}s "
+              f"decode {row['decode_ms_per_token']:6.1f} ms/tok  {text[:40]!r}", flush=True)
+
+    # the stock model: full sweep where it is affordable, one timing point beyond
+    for kind in haystacks:
+        for n in [args.stock_ref] + [x for x in lengths if x <= args.stock_max]:
+            for i, d in enumerate(depths):
+                one("stock", kind, n, d, i)
+        for n in [x for x in lengths if args.stock_max < x <= args.stock_time_max]:
+            if kind == haystacks[0]:
+                one("stock", kind, n, 0.5, 0)
+    ctxmem.wrap(model, cfg, tokenizer=tok)
+    for kind in haystacks:
+        for n in lengths:
+            for i, d in enumerate(depths):
+                one("ctxmem", kind, n, d, i)
+    ctxmem.unwrap(model)
+    result = dict(machine=machine(), config=cfg.to_dict(), lengths=lengths, depths=depths, rows=rows,
+                  summary=summarize(rows))
+    path = write_json(args.out, result)
+    plot(result, args.out)
+    print(f"wrote {path}")
+    for line in table(result):
+        print(line)
+
+
+def summarize(rows):
+    out = {}
+    for r in rows:
+        k = f"{r['method']}/{r['haystack']}/{r['length']}"
+        s = out.setdefault(k, dict(found=0, n=0, seconds=[], decode=[]))
+        s["found"] += r["found"]
+        s["n"] += 1
+        s["seconds"].append(r["seconds"])
+        s["decode"].append(r["decode_ms_per_token"])
+    for s in out.values():
+        s["rate"] = s["found"] / s["n"]
+        s["seconds"] = sum(s["seconds"]) / len(s["seconds"])
+        s["decode_ms_per_token"] = sum(s["decode"]) / len(s["decode"])
+        del s["decode"]
+    return out
+
+
+def table(result):
+    summ = result["summary"]
+    keys = sorted({(k.split("/")[1], int(k.split("/")[2])) for k in summ})
+    lines = ["| haystack | context | stock found | stock s/answer | ctxmem found | ctxmem s/answer | ctxmem decode ms/tok |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, n in keys:
+        st, cm = summ.get(f"stock/{kind}/{n}"), summ.get(f"ctxmem/{kind}/{n}")
+        f = lambda s, key, fmt: (fmt.format(s[key]) if s else "–")
+        lines.append(f"| {kind} | {n:,} | {f(st, 'found', '{}') + ('/' + str(st['n']) if st else '')} | "
+                     f"{f(st, 'seconds', '{:.1f}')} | {f(cm, 'found', '{}') + ('/' + str(cm['n']) if cm else '')} | "
+                     f"{f(cm, 'seconds', '{:.1f}')} | {f(cm, 'decode_ms_per_token', '{:.0f}')} |")
+    return lines
+
+
+def plot(result, name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    rows = result["rows"]
+    panels = sorted({(r["method"], r["haystack"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for ax, (method, kind) in zip(axes[0], panels):
+        sel = [r for r in rows if r["method"] == method and r["haystack"] == kind]
+        lens = sorted({r["length"] for r in sel})
+        deps = sorted({r["depth"] for r in sel})
+        grid = [[float("nan")] * len(lens) for _ in deps]
+        for r in sel:
+            grid[deps.index(r["depth"])][lens.index(r["length"])] = 1.0 if r["found"] else 0.0
+        ax.imshow(grid, cmap=ListedColormap(["#d9534f", "#5cb85c"]), vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(lens)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lens])
+        ax.set_yticks(range(len(deps)), [f"{d:.1f}" for d in deps])
+        ax.set_xlabel("context length")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{method} · {kind}")
+    fig.suptitle("Passkey found (green) — SmolLM2-135M, trained window 8K")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}_heatmap.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, style in (("stock", "o-"), ("ctxmem", "s-")):
+        pts = {}
+        for r in rows:
+            if r["method"] == method:
+                pts.setdefault(r["tokens"] // 1024 * 1024, []).append(r["seconds"])
+        if pts:
+            xs = sorted(pts)
+            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], style, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("seconds to answer")
+    ax.set_title("Time to answer (CPU, 2 threads)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}_time.png", dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="4096,8192,16384,32768")
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--haystacks", default="filler,real")
+    p.add_argument("--stock-ref", type=int, default=2048, help="the stock model's own reference length")
+    p.add_argument("--stock-max", type=int, default=8192, help="stock runs every depth up to this length")
+    p.add_argument("--stock-time-max", type=int, default=32768, help="... and one depth (for time) up to this")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="MemoryConfig override")
+    p.add_argument("--out", default="passkey")
+    args = p.parse_args()
+    from ctxmem.cli import _parse_overrides
+    args.config = _parse_overrides(args.set)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

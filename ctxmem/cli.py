@@ -1,0 +1,115 @@
+"""The `ctxmem` command line: ask (the main job), index (the knowledge index)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    from .config import MemoryConfig
+
+    fields = MemoryConfig.__dataclass_fields__
+    out = {}
+    for pair in pairs or []:
+        key, sep, val = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set expects KEY=VALUE with KEY one of {sorted(fields)}; got {pair!r}")
+        if val.lower() == "none":
+            out[key] = None
+        else:
+            try:
+                out[key] = int(val)
+            except ValueError:
+                out[key] = val
+    return out
+
+
+def cmd_ask(args) -> int:
+    import psutil
+    import torch
+
+    from . import MemoryConfig, load_model, wrap
+    from .reading import build_prompt, read_text_file
+
+    torch.set_grad_enabled(False)
+    proc = psutil.Process()
+    t0 = time.perf_counter()
+    context = read_text_file(args.context) if args.context else ""
+    if not context and not args.knowledge:
+        raise ValueError("give --context FILE and/or --knowledge KB")
+    model, tok = load_model(args.model)
+    knowledge_text = None
+    if args.knowledge:
+        from .index import KnowledgeIndex
+        from .index.augment import knowledge_context
+
+        kb = KnowledgeIndex.open(args.knowledge)
+        knowledge_text = knowledge_context(kb, args.question, tok, budget_tokens=args.knowledge_budget)
+    ids = build_prompt(tok, context, args.question, knowledge_text)
+    if not args.stock:
+        wrap(model, MemoryConfig(**_parse_overrides(args.set)), tokenizer=tok, progress=not args.json)
+    t_load = time.perf_counter() - t0
+    input_ids = torch.tensor([ids])
+    t1 = time.perf_counter()
+    out = model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    t_answer = time.perf_counter() - t1
+    answer = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    peak = _peak_rss_mb(proc)
+    report = {"answer": answer, "context_tokens": len(ids), "seconds_answer": round(t_answer, 2),
+              "seconds_load": round(t_load, 2), "tokens_per_second_read": round(len(ids) / t_answer, 1),
+              "peak_rss_mb": round(peak), "mode": "stock" if args.stock else "ctxmem"}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(answer)
+        print(f"-- {len(ids):,} context tokens · answered in {t_answer:.1f} s "
+              f"({report['tokens_per_second_read']:,.0f} tok/s) · peak RSS {peak:,.0f} MB · {report['mode']}",
+              file=sys.stderr)
+    return 0
+
+
+def _peak_rss_mb(proc) -> float:
+    import resource
+
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, proc.memory_info().rss / 2**20)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctxmem", description="Long-context memory for Hugging Face causal LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="read a long file and answer a question from it")
+    ask.add_argument("question")
+    ask.add_argument("--context", help="text file to read (any length)")
+    ask.add_argument("--knowledge", help="knowledge index folder (from `ctxmem index build`)")
+    ask.add_argument("--knowledge-budget", type=int, default=1024, help="tokens of retrieved notes (default 1024)")
+    ask.add_argument("--model", default="smollm2", help="bundled name or HF id/path (default: smollm2)")
+    ask.add_argument("--max-new-tokens", type=int, default=48)
+    ask.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a MemoryConfig field")
+    ask.add_argument("--stock", action="store_true", help="run the unwrapped model (for comparison)")
+    ask.add_argument("--json", action="store_true", help="print one JSON object")
+    ask.set_defaults(func=cmd_ask)
+
+    try:
+        from .index.cli import add_index_parser
+    except ImportError:  # the index tier is optional at import time
+        add_index_parser = None
+    if add_index_parser is not None:
+        add_index_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"ctxmem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

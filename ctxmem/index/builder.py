@@ -1,0 +1,533 @@
+"""The write side of a KB: build, add, remove - durable, resumable, crash-consistent.
+
+A KB folder holds::
+
+    manifest.msgpack        versioned, checksummed; names every other file with its sha256
+    seg-NNNNNN.chunks       chunk store of one segment (see store.py)
+    seg-NNNNNN.npy          that segment's embeddings, float32 (n, dim), normalised
+    index-NNNNNN.faiss      the FAISS index over every chunk (see ann.py)
+    .lock                   held (flock) by the one process writing the KB
+
+How a build commits (the resume contract)
+    Sources are read in a fixed order and chunked; chunks are embedded in groups, and each
+    group is committed: its segment (chunk store + embeddings) is written under a fresh name
+    (temp file, fsync, rename) and then the manifest, which records for every source its
+    content hash and the chunk-id ranges committed so far. A group holds whole sources or the
+    next contiguous run of a large source's chunks. Groups are sized to commit about every
+    ``commit_seconds`` (default 30 s) and at most every ``commit_every`` chunks.
+
+    A rerun with the same arguments reads the manifest and skips every source whose content
+    hash is committed in full, continues a partly committed source at its next chunk
+    (chunking is deterministic), re-embeds a source whose hash changed (its old chunks are
+    dropped), and drops sources no longer given. The FAISS index is brought in line with the
+    committed chunks at the end (added to, or rebuilt for types that cannot remove). So a
+    build killed at any moment loses at most the group in flight, and the rerun ends with
+    exactly the chunks of a clean build. Files that no committed manifest names (left by a
+    kill) are deleted at the start of the next write. A rerun on an unchanged corpus embeds
+    nothing and writes nothing.
+
+    While a build or add is in progress the manifest's state is ``building`` and
+    :meth:`KnowledgeIndex.open` refuses the KB (``IndexIncompleteError``); ``info`` and
+    ``verify`` still work. ``remove`` rewrites the affected segments without re-embedding
+    and commits once.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .._atomic import atomic_write_bytes
+from . import ann, embed
+from .chunking import Chunker
+from .errors import BadInputError, IndexCorruptError, IndexIncompleteError, KnowledgeIndexError
+from .manifest import MANIFEST, read_manifest, sha256_bytes, write_manifest
+from .sources import DEFAULT_MAX_FILE_BYTES, SkipSource, decode_source, read_bytes
+from .store import ChunkStoreReader, encode_store
+
+SEG_FILE_RE = re.compile(r"^seg-\d{6,}\.(chunks|npy)$")
+INDEX_FILE_RE = re.compile(r"^index-\d{6,}\.faiss$")
+TMP_FILE_RE = re.compile(r"^\..+\.tmp$")
+LOCK_NAME = ".lock"
+
+
+def _ours(name: str) -> bool:
+    return bool(name in (MANIFEST, LOCK_NAME) or SEG_FILE_RE.match(name) or INDEX_FILE_RE.match(name)
+                or TMP_FILE_RE.match(name))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- reading helpers
+
+def read_checked(kb_dir: Path, m: dict, fname: str) -> bytes:
+    """A KB file's bytes after checking its size and sha256 against the manifest."""
+    path = kb_dir / fname
+    meta = m["files"].get(fname)
+    if meta is None:
+        raise IndexCorruptError(path, "not listed in the manifest")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IndexCorruptError(path, "missing") from None
+    except OSError as e:
+        raise IndexCorruptError(path, f"unreadable: {e.strerror or e}") from None
+    if len(data) != meta["size"]:
+        raise IndexCorruptError(path, f"size {len(data)} bytes, manifest says {meta['size']}"
+                                   + (" (truncated)" if len(data) < meta["size"] else ""))
+    if sha256_bytes(data) != meta["sha256"]:
+        raise IndexCorruptError(path, "checksum mismatch")
+    return data
+
+
+def load_vectors(kb_dir: Path, m: dict, seg: str) -> np.ndarray:
+    fname = seg + ".npy"
+    data = read_checked(kb_dir, m, fname)
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise IndexCorruptError(kb_dir / fname, f"not a valid .npy array ({e})") from None
+    want = (m["segments"][seg]["chunks"], m["embedder"]["dim"])
+    if arr.dtype != np.float32 or arr.shape != want:
+        raise IndexCorruptError(kb_dir / fname, f"array {arr.dtype}{arr.shape}, expected float32{want}")
+    return arr
+
+
+def open_store(kb_dir: Path, m: dict, seg: str, checksum: bool = False) -> ChunkStoreReader:
+    fname = seg + ".chunks"
+    if checksum:
+        read_checked(kb_dir, m, fname)
+    r = ChunkStoreReader(kb_dir / fname)
+    if r.n != m["segments"][seg]["chunks"]:
+        raise IndexCorruptError(kb_dir / fname, f"holds {r.n} chunks, manifest says {m['segments'][seg]['chunks']}")
+    return r
+
+
+def load_index(kb_dir: Path, m: dict):
+    meta = m["index"]
+    data = read_checked(kb_dir, m, meta["file"])
+    try:
+        index = ann.deserialize(data)
+    except Exception as e:
+        raise IndexCorruptError(kb_dir / meta["file"], f"not a valid FAISS index ({e})") from None
+    ann.apply_search_params(index, meta["type"], meta["params"])
+    return index
+
+
+def live_parts(m: dict) -> list[list]:
+    """Every committed part ``[segment, id0, n, row0]`` of every source."""
+    return [p for ent in m["sources"].values() for p in ent["parts"]]
+
+
+def live_ids(m: dict) -> np.ndarray:
+    parts = live_parts(m)
+    if not parts:
+        return np.zeros(0, np.int64)
+    return np.sort(np.concatenate([np.arange(p[1], p[1] + p[2], dtype=np.int64) for p in parts]))
+
+
+def gather_vectors(kb_dir: Path, m: dict, ids: np.ndarray) -> np.ndarray:
+    """Embeddings of chunk ``ids`` (read from the segments, checksums verified)."""
+    dim = m["embedder"]["dim"]
+    out = np.empty((len(ids), dim), dtype=np.float32)
+    if not len(ids):
+        return out
+    parts = sorted(live_parts(m), key=lambda p: p[1])
+    id0s = np.array([p[1] for p in parts], dtype=np.int64)
+    pi = np.searchsorted(id0s, ids, side="right") - 1
+    by_seg: dict[str, list[int]] = {}
+    for j, p in enumerate(pi):
+        by_seg.setdefault(parts[p][0], []).append(j)
+    for seg, js in by_seg.items():
+        vecs = load_vectors(kb_dir, m, seg)
+        js = np.array(js)
+        rows = np.array([parts[pi[j]][3] + ids[j] - parts[pi[j]][1] for j in js], dtype=np.int64)
+        out[js] = vecs[rows]
+    return out
+
+
+# ----------------------------------------------------------------------------- the write session
+
+class Session:
+    """One write session on a KB folder: the lock, the manifest in memory, commits and cleanup."""
+
+    def __init__(self, path, create_ok: bool):
+        self.dir = Path(path)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise BadInputError(f"{self.dir} exists and is not a folder")
+        if not self.dir.exists():
+            if not create_ok:
+                raise BadInputError(f"no KB at {self.dir}")
+            self.dir.mkdir(parents=True)
+        self._lock_fd = None
+        self._lock()
+        try:
+            if (self.dir / MANIFEST).exists():
+                self.m = read_manifest(self.dir)
+            else:
+                others = sorted(n for n in os.listdir(self.dir) if not _ours(n))
+                if others:
+                    raise BadInputError(f"{self.dir} is not empty and is not a ctxmem KB (it holds {others[0]!r}); "
+                                        "choose a new or empty folder")
+                if not create_ok:
+                    read_manifest(self.dir)  # raises, naming the missing manifest
+                self.m = None
+            self.gc()
+        except BaseException:
+            self.close()
+            raise
+        self.commits = 0
+
+    def _lock(self):
+        try:
+            import fcntl
+        except ImportError:  # not on POSIX: no cross-process lock
+            return
+        fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise KnowledgeIndexError(f"{self.dir} is being written by another process "
+                                      f"(lock {self.dir / LOCK_NAME}); wait for it to finish") from None
+        self._lock_fd = fd
+
+    def close(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def gc(self):
+        """Delete our files that the committed manifest does not name (left by a kill)."""
+        keep = set(self.m["files"]) if self.m else set()
+        for name in os.listdir(self.dir):
+            if name in (MANIFEST, LOCK_NAME) or name in keep or not _ours(name):
+                continue
+            try:
+                os.unlink(self.dir / name)
+            except OSError:
+                pass
+
+    def new_name(self, prefix: str) -> str:
+        self.m["seq"] += 1
+        return f"{prefix}-{self.m['seq']:06d}"
+
+    def write_file(self, fname: str, data: bytes) -> None:
+        atomic_write_bytes(self.dir / fname, data)
+        self.m["files"][fname] = {"sha256": sha256_bytes(data), "size": len(data)}
+
+    def forget_file(self, fname: str) -> None:
+        self.m["files"].pop(fname, None)  # deleted from disk by the gc after the next commit
+
+    def write_segment(self, records: list[dict], ids: np.ndarray, vectors: np.ndarray) -> str:
+        seg = self.new_name("seg")
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(vectors, dtype="<f4"), allow_pickle=False)
+        self.write_file(seg + ".npy", buf.getvalue())
+        self.write_file(seg + ".chunks", encode_store(records, ids))
+        self.m["segments"][seg] = {"chunks": len(records)}
+        return seg
+
+    def commit(self) -> None:
+        self.m["updated_at"] = _now()
+        write_manifest(self.dir, self.m)
+        self.commits += 1
+        self.gc()
+
+    # -- editing -------------------------------------------------------------------------------
+
+    def drop_sources(self, keys) -> int:
+        """Remove sources (in memory; files rewritten, committed later). Returns chunks dropped."""
+        m = self.m
+        keys = [k for k in keys if k in m["sources"]]
+        if not keys:
+            return 0
+        affected = {p[0] for k in keys for p in m["sources"][k]["parts"]}
+        dropped = sum(p[2] for k in keys for p in m["sources"][k]["parts"])
+        for k in keys:
+            del m["sources"][k]
+        staying: dict[str, list[list]] = {}
+        for ent in m["sources"].values():
+            for p in ent["parts"]:
+                if p[0] in affected:
+                    staying.setdefault(p[0], []).append(p)
+        for seg in sorted(affected):
+            parts = sorted(staying.get(seg, []), key=lambda p: p[3])
+            if parts:
+                vecs = load_vectors(self.dir, m, seg)
+                store = open_store(self.dir, m, seg, checksum=True)
+                try:
+                    rows = np.concatenate([np.arange(p[3], p[3] + p[2]) for p in parts])
+                    records = [store.record(int(r)) for r in rows]
+                    ids = store.ids[rows]
+                finally:
+                    store.close()
+                new_seg = self.write_segment(records, ids, vecs[rows])
+                row = 0
+                for p in parts:
+                    p[0], p[3] = new_seg, row
+                    row += p[2]
+            del m["segments"][seg]
+            self.forget_file(seg + ".npy")
+            self.forget_file(seg + ".chunks")
+        return dropped
+
+    def finalize(self, requested: str) -> bool:
+        """Bring the FAISS index in line with the committed chunks; mark the KB ready.
+
+        Sources left partly committed (an interrupted run whose sources were not given again)
+        are dropped first. Returns False when nothing needed writing.
+        """
+        m = self.m
+        partial = [k for k, e in m["sources"].items() if not e["complete"]]
+        self.drop_sources(partial)
+        ids = live_ids(m)
+        n, dim = len(ids), m["embedder"]["dim"]
+        kind = ann.choose_type(requested, n)
+        cur = m.get("index")
+        index = None
+        if cur is not None and cur["type"] == kind and cur["file"] in m["files"]:
+            index = load_index(self.dir, m)
+            params = cur["params"]
+            have = ann.index_ids(index)
+            to_remove = np.setdiff1d(have, ids)
+            to_add = np.setdiff1d(ids, have)
+            if not len(to_remove) and not len(to_add):
+                if m["state"] == "ready" and cur.get("requested") == requested:
+                    return False
+            else:
+                if len(to_remove):
+                    live = gather_vectors(self.dir, m, ids) if kind != "flat" else None
+                    index = ann.remove(index, kind, to_remove, live, ids, params)
+                    to_add = np.setdiff1d(ids, ann.index_ids(index))
+                if len(to_add):
+                    ann.add(index, kind, gather_vectors(self.dir, m, to_add), to_add)
+                ann.apply_search_params(index, kind, params)
+        if index is None:
+            params = ann.default_params(kind, n, dim)
+            vecs = gather_vectors(self.dir, m, ids) if n else np.zeros((0, dim), np.float32)
+            index = ann.create(kind, vecs, ids, params)
+        fname = self.new_name("index") + ".faiss"
+        self.write_file(fname, ann.serialize(index))
+        if cur is not None:
+            self.forget_file(cur["file"])
+        m["index"] = {"requested": requested, "type": kind, "params": params, "file": fname, "count": int(n)}
+        m["state"] = "ready"
+        m.pop("op", None)
+        self.commit()
+        return True
+
+
+def new_manifest(desc: dict, chunker: Chunker, text_field: str, requested: str) -> dict:
+    from .. import __version__
+
+    return {
+        "state": "building", "op": "build", "created_at": _now(), "updated_at": _now(),
+        "ctxmem_version": __version__,
+        "embedder": desc,
+        "chunking": {"chunk_tokens": chunker.chunk_tokens, "overlap": chunker.overlap,
+                     "max_chars": chunker.max_chars, "tokenizer": chunker.tokenizer_name},
+        "text_field": text_field,
+        "index": None, "index_requested": requested,
+        "sources": {}, "segments": {}, "files": {}, "seq": 0, "next_id": 0,
+        "last_run": {},
+    }
+
+
+# ----------------------------------------------------------------------------- ingestion
+
+class Ingestor:
+    """Reads, chunks, embeds and commits sources into a session (see the module docstring)."""
+
+    def __init__(self, sess: Session, emb, chunker: Chunker, *, mode: str, text_field: str = "text",
+                 progress: bool = True, batch_size: int = 32, commit_every: int = 65536,
+                 commit_seconds: float = 30.0, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+        if commit_every < 1:
+            raise BadInputError("commit_every must be >= 1")
+        self.sess, self.emb, self.chunker, self.mode = sess, emb, chunker, mode
+        self.text_field, self.progress, self.batch_size = text_field, progress, int(batch_size)
+        self.commit_every, self.commit_seconds = int(commit_every), float(commit_seconds)
+        self.max_file_bytes = int(max_file_bytes)
+        self.group = min(self.commit_every, 256)
+        self.pending: list[tuple[str, dict, float]] = []  # (source key, record, progress weight)
+        self.stats = {"sources_indexed": 0, "sources_reused": 0, "sources_removed": 0,
+                      "chunks_embedded": 0, "embed_seconds": 0.0}
+        self.skipped: list[dict] = []
+        self.notes: list[dict] = []
+        self.bar = None
+
+    # The run -----------------------------------------------------------------------------------
+    def run(self, specs, skipped) -> None:
+        m = self.sess.m
+        self.skipped.extend(skipped)
+        given = {s.key for s in specs}
+        if self.mode == "build":
+            gone = [k for k in m["sources"] if k not in given]
+            self.stats["sources_removed"] += len(gone)
+            self.sess.drop_sources(gone)
+        total_bytes = sum(s.size for s in specs)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc="ctxmem index", dynamic_ncols=True, mininterval=0.5, leave=True)
+        try:
+            for spec in specs:
+                self._source(spec)
+            self.flush()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def _advance(self, nbytes: float) -> None:
+        if self.bar is not None and nbytes:
+            self.bar.update(nbytes)
+
+    def _drop(self, key: str) -> None:
+        if key in self.sess.m["sources"]:
+            self.sess.drop_sources([key])
+            self.stats["sources_removed"] += 1
+
+    def _source(self, spec) -> None:
+        m = self.sess.m
+        try:
+            data = read_bytes(spec, self.max_file_bytes)
+        except SkipSource as e:
+            self.skipped.append({"source": spec.key, "reason": str(e)})
+            if self.mode == "build":
+                self._drop(spec.key)
+            self._advance(spec.size)
+            return
+        digest = hashlib.sha256(data).hexdigest()
+        ent = m["sources"].get(spec.key)
+        if ent is not None and ent["sha256"] == digest and ent["complete"]:
+            self.stats["sources_reused"] += 1
+            self._advance(spec.size)
+            return
+        try:
+            decoded = decode_source(spec, data, self.text_field)
+        except SkipSource as e:
+            self.skipped.append({"source": spec.key, "reason": str(e)})
+            self._drop(spec.key)
+            self._advance(spec.size)
+            return
+        del data
+        # chunk; whitespace-only chunks are not indexed
+        chunks = []
+        for doc in decoded.docs:
+            starts, ends = self._spans(doc.text)
+            for a, b in zip(starts, ends):
+                if not doc.text[a:b].isspace():
+                    chunks.append((doc, a, b))
+        if not chunks:
+            self.skipped.append({"source": spec.key, "reason": "empty: no token to index"})
+            self._drop(spec.key)
+            self._advance(spec.size)
+            return
+        for note in decoded.notes:
+            self.notes.append({"source": spec.key, "note": note})
+        if ent is not None and ent["sha256"] != digest:
+            self.sess.drop_sources([spec.key])  # changed: old chunks go, new ones come
+            ent = None
+        if ent is None:
+            ent = {"sha256": digest, "size": spec.size, "kind": spec.kind, "complete": False,
+                   "chunks": len(chunks), "parts": [], "notes": decoded.notes}
+            m["sources"][spec.key] = ent
+        done = sum(p[2] for p in ent["parts"])
+        if done > len(chunks):  # cannot happen with deterministic chunking; be safe
+            self._drop(spec.key)
+            return self._source(spec)
+        self.stats["sources_indexed"] += 1
+        weight = spec.size / len(chunks)
+        self._advance(weight * done)
+        for doc, a, b in chunks[done:]:
+            rec = {"source": doc.source, "start": int(a), "end": int(b), "text": doc.text[a:b]}
+            self.pending.append((spec.key, rec, weight))
+            if len(self.pending) >= self.group:
+                self.flush()
+
+    def _spans(self, text: str):
+        cs = self.chunker.chunk(text)
+        return [c.start for c in cs], [c.end for c in cs]
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        sess, m = self.sess, self.sess.m
+        texts = [r["text"] for _, r, _ in self.pending]
+        n = len(texts)
+        vecs = np.empty((n, m["embedder"]["dim"]), dtype=np.float32)
+        order = sorted(range(n), key=lambda i: -len(texts[i]))  # less padding per batch
+        step = max(self.batch_size * 8, 64)
+        t0 = time.perf_counter()
+        for a in range(0, n, step):
+            idx = order[a:a + step]
+            v = embed.encode(self.emb, [texts[i] for i in idx], self.batch_size)
+            if v.shape[1] != vecs.shape[1]:
+                raise KnowledgeIndexError(f"embedder returned dim {v.shape[1]}, the KB has {vecs.shape[1]}")
+            vecs[idx] = v
+            self._advance(sum(self.pending[i][2] for i in idx))
+            if self.bar is not None:
+                done = self.stats["chunks_embedded"] + a + len(idx)
+                secs = self.stats["embed_seconds"] + time.perf_counter() - t0
+                self.bar.set_postfix(chunks=done, rate=f"{done / max(secs, 1e-9):.1f} chunk/s", refresh=False)
+        dt = time.perf_counter() - t0
+        self.stats["embed_seconds"] += dt
+        self.stats["chunks_embedded"] += n
+        ids = np.arange(m["next_id"], m["next_id"] + n, dtype=np.int64)
+        m["next_id"] += n
+        seg = sess.write_segment([r for _, r, _ in self.pending], ids, vecs)
+        i = 0
+        touched = []
+        while i < n:
+            key = self.pending[i][0]
+            j = i
+            while j < n and self.pending[j][0] == key:
+                j += 1
+            ent = m["sources"][key]
+            ent["parts"].append([seg, int(ids[i]), j - i, i])
+            touched.append(ent)
+            i = j
+        for ent in touched:
+            ent["complete"] = sum(p[2] for p in ent["parts"]) == ent["chunks"]
+        m["state"] = "building"
+        m.setdefault("op", self.mode)
+        sess.commit()
+        self.pending.clear()
+        rate = n / max(dt, 1e-9)
+        self.group = int(min(self.commit_every, max(min(16, self.commit_every), rate * self.commit_seconds)))
+
+    def summary(self) -> dict:
+        m = self.sess.m
+        return {**self.stats, "embed_seconds": round(self.stats["embed_seconds"], 3),
+                "skipped": self.skipped, "notes": self.notes, "commits": self.sess.commits,
+                "chunks": int(sum(p[2] for p in live_parts(m))), "sources": len(m["sources"])}
+
+
+def make_chunker(emb, chunk_tokens: int, overlap: int, max_chars: int | None = None) -> Chunker:
+    limit = embed.max_tokens(emb)
+    if limit is not None and chunk_tokens > limit:
+        raise BadInputError(f"chunk_tokens={chunk_tokens} is more than embedder {embed.name_of(emb)!r} reads "
+                            f"({limit} tokens); use --chunk-tokens {limit} or less")
+    return Chunker(embed.tokenizer_of(emb), chunk_tokens=chunk_tokens, overlap=overlap, max_chars=max_chars)
+
+
+def check_writable_state(m: dict, op: str, where) -> None:
+    if m["state"] != "ready" and not (op == "add" and m.get("op") == "add") and op != "build":
+        raise IndexIncompleteError(
+            f"the last {m.get('op', 'build')} into {where} was interrupted; run it again to finish it "
+            f"before running {op}")

@@ -1,0 +1,75 @@
+"""knowledge_context: dedup, order and token budget (with a stub KB and a real HF tokenizer)."""
+import functools
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctxmem.index import Hit, knowledge_context
+from ctxmem.index.augment import HEADER
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from ctxmem.models import embedder_path
+
+    return AutoTokenizer.from_pretrained(embedder_path("minilm"))
+
+
+def ntok(s):
+    return len(tokenizer().encode(s, add_special_tokens=False))
+
+
+class StubKB:
+    def __init__(self, hits):
+        self.hits = hits
+
+    def search(self, text, k=5):
+        return sorted(self.hits, key=lambda h: -h.score)[:k]
+
+
+DOC_A = "The castle stands on the hill. " * 3 + "Its walls are copper. " * 3 + "Ravens nest in the towers. " * 3
+HITS = [
+    Hit(DOC_A[0:100], 0.9, "/data/a.txt", 0, 100),
+    Hit(DOC_A[80:170], 0.7, "/data/a.txt", 80, 170),  # overlaps the first: merged
+    Hit("Bridges cross the river.", 0.8, "/data/b.txt", 40, 64),
+    Hit("Bridges  cross the river.\n", 0.5, "/data/c.txt", 0, 26),  # same text, other source: dropped
+    Hit("Deserts are dry.", 0.6, "/data/b.txt", 0, 16),
+]
+
+
+def passages(ctx):
+    return re.findall(r"^\[(\d+)\] (\S+) \(chars (\d+)-(\d+)\)$", ctx, flags=re.M)
+
+
+def test_dedup_merge_and_order():
+    ctx = knowledge_context(StubKB(HITS), "castle", tokenizer(), budget_tokens=1000, k=8)
+    assert ctx.startswith(HEADER)
+    got = [(src, int(a), int(b)) for _, src, a, b in passages(ctx)]
+    # sources by best score (a: 0.9, b: 0.8), then by position; c's duplicate text is gone
+    assert got == [("/data/a.txt", 0, 170), ("/data/b.txt", 0, 16), ("/data/b.txt", 40, 64)]
+    assert DOC_A[0:170].strip() in ctx
+    assert ctx.count("Bridges") == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget=st.integers(0, 200), k=st.integers(0, 6))
+def test_budget_is_respected(budget, k):
+    ctx = knowledge_context(StubKB(HITS), "castle", tokenizer(), budget_tokens=budget, k=k)
+    assert ntok(ctx) <= budget
+    if ctx:
+        assert passages(ctx)
+    if budget >= 200 and k >= 1:
+        assert ctx  # room for at least the best hit
+
+
+def test_cut_passage_and_empty_cases():
+    long_hit = Hit("word " * 400, 0.9, "/data/long.txt", 0, 2000)
+    ctx = knowledge_context(StubKB([long_hit]), "q", tokenizer(), budget_tokens=64)
+    assert ctx.rstrip().endswith("[...]") and ntok(ctx) <= 64
+    assert knowledge_context(StubKB([]), "q", tokenizer()) == ""
+    assert knowledge_context(StubKB(HITS), "   ", tokenizer()) == ""
+    assert knowledge_context(StubKB(HITS), "q", tokenizer(), budget_tokens=3) == ""
+    assert knowledge_context(StubKB(HITS), "q", None, budget_tokens=200)  # no tokenizer: 4 chars per token
