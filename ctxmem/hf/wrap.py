@@ -144,9 +144,71 @@ def _check_padding(valid: torch.Tensor, had_tokens: list[int]) -> None:
             raise ValueError(f"ctxmem: row {b} has padding after real tokens (left padding only)")
 
 
+def _positions(had: list[int], valid: torch.Tensor) -> torch.Tensor:
+    """Each row's real tokens numbered from its own start (as generate does from the mask)."""
+    return (torch.tensor(had)[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+
+
 def _make_forward(model, state: WrapState):
     orig_forward = type(model).forward.__get__(model)
     cfg = state.cfg
+
+    def read(cache, input_ids, inputs_embeds, valid, *, question: bool, counted: bool, keep_all: bool,
+             keep: int, kwargs: dict, progress_desc: str | None = None):
+        """Feed tokens chunk by chunk through the model into ``cache``; return the kept logits.
+
+        ``question``: the last chunk retrieves as a question (full topk, embedder votes).
+        ``counted``: the tokens count in the HF-visible length (False for the hidden knowledge prefix).
+        """
+        x = input_ids if input_ids is not None else inputs_embeds
+        L = x.shape[1]
+        pos = _positions(cache.real_lengths() if cache.token_ids else [0] * x.shape[0], valid).to(x.device)
+        bounds = _chunk_bounds(L, cfg.prefill_chunk)
+        bar = None
+        if state.progress and len(bounds) > 1:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=L, unit="tok", unit_scale=True, desc=progress_desc or "ctxmem: reading", leave=False)
+        parts = []
+        for i, (s, e) in enumerate(bounds):
+            last = i == len(bounds) - 1
+            cache.begin_chunk(None if input_ids is None else input_ids[:, s:e].cpu(), valid[:, s:e],
+                              question=question and last)
+            inputs = dict(input_ids=input_ids[:, s:e]) if input_ids is not None else dict(inputs_embeds=inputs_embeds[:, s:e])
+            with attention.active_memory(cache):
+                out = orig_forward(**inputs, attention_mask=None, position_ids=pos[:, s:e], cache=cache,
+                                   use_cache=True, logits_to_keep=0 if keep_all else (keep if last else 1), **kwargs)
+            cache.end_chunk(e - s if counted else 0)
+            if bar is not None:
+                bar.update(e - s)
+            if keep_all or last:
+                parts.append(out.logits)
+        if bar is not None:
+            bar.close()
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def read_knowledge(cache, input_ids, valid, kwargs):
+        """Before the first prompt: retrieve the KB's hits for each row and read them as a hidden prefix."""
+        from ..index.augment import knowledge_context
+
+        tok = state.tokenizer
+        rows = []
+        for b in range(input_ids.shape[0]):
+            real = input_ids[b][valid[b]].tolist()
+            query = tok.decode(real[-256:], skip_special_tokens=True)
+            text = knowledge_context(state.knowledge, query, tok, budget_tokens=state.knowledge_budget)
+            rows.append(tok(text + "\n\n", add_special_tokens=False)["input_ids"] if text else [])
+        P = max(len(r) for r in rows)
+        if P == 0:
+            return
+        ids = torch.zeros(len(rows), P, dtype=torch.long)
+        pvalid = torch.zeros(len(rows), P, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            if r:
+                ids[b, P - len(r):] = torch.tensor(r)
+                pvalid[b, P - len(r):] = True
+        read(cache, ids.to(input_ids.device), None, pvalid, question=False, counted=False, keep_all=False,
+             keep=1, kwargs=kwargs, progress_desc="ctxmem: reading knowledge")
+        cache.hidden_prefix = [len(r) for r in rows]
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
@@ -175,43 +237,22 @@ def _make_forward(model, state: WrapState):
         total = max(h + int(n) for h, n in zip(had, valid.sum(1)))
         if total > cfg.max_context:
             raise ValueError(f"ctxmem: context of {total} tokens exceeds MemoryConfig.max_context ({cfg.max_context})")
-        # Each row's real tokens are numbered from its own start (as generate does from the mask).
-        pos = torch.tensor(had)[:, None] + valid.long().cumsum(1) - 1
-        pos = pos.clamp(min=0)
         if position_ids is not None:
-            given = position_ids.expand(B, -1).cpu()
-            if not bool((given[valid] == pos[valid]).all()):
+            # what generate passes; it does not know about a hidden knowledge prefix
+            offset = torch.tensor(cache.hidden_prefix or [0] * B)[:, None]
+            pos = _positions([h - o for h, o in zip(had, offset[:, 0].tolist())], valid)
+            if not bool((position_ids.expand(B, -1).cpu()[valid] == pos[valid]).all()):
                 raise ValueError("ctxmem: position_ids must count each row's real tokens 0, 1, 2, ... "
                                  "(as generate does); leave them None and ctxmem numbers them")
-        pos = pos.to(x.device)
+        if state.knowledge is not None and not cache.token_ids and input_ids is not None:
+            read_knowledge(cache, input_ids, valid, kwargs)
         keep = logits_to_keep
-        if isinstance(keep, torch.Tensor) or labels is not None:
-            keep_all = True
-        else:
-            keep_all = keep == 0
-        bounds = _chunk_bounds(L, cfg.prefill_chunk)
-        if not keep_all and keep > bounds[-1][1] - bounds[-1][0]:
-            keep_all = True
-        parts = []
-        bar = None
-        if state.progress and len(bounds) > 1:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=L, unit="tok", unit_scale=True, desc="ctxmem: reading", leave=False)
-        for i, (s, e) in enumerate(bounds):
-            last = i == len(bounds) - 1
-            cache.begin_chunk(None if input_ids is None else input_ids[:, s:e].cpu(), valid[:, s:e], question=last)
-            inputs = dict(input_ids=input_ids[:, s:e]) if input_ids is not None else dict(inputs_embeds=inputs_embeds[:, s:e])
-            with attention.active_memory(cache):
-                out = orig_forward(**inputs, attention_mask=None, position_ids=pos[:, s:e], cache=cache,
-                                   use_cache=True, logits_to_keep=0 if keep_all else (keep if last else 1), **kwargs)
-            cache.end_chunk(e - s)
-            if bar is not None:
-                bar.update(e - s)
-            if keep_all or last:
-                parts.append(out.logits)
-        if bar is not None:
-            bar.close()
-        logits = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        keep_all = isinstance(keep, torch.Tensor) or labels is not None or keep == 0
+        if not keep_all:
+            s, e = _chunk_bounds(L, cfg.prefill_chunk)[-1]
+            keep_all = keep > e - s  # asks for more than the last chunk holds
+        logits = read(cache, input_ids, inputs_embeds, valid, question=True, counted=True, keep_all=keep_all,
+                      keep=0 if keep_all else keep, kwargs=kwargs)
         loss = None
         if labels is not None:
             loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)

@@ -126,6 +126,7 @@ class MemoryCache(Cache):
         self.cfg = cfg
         self.inv_freq = inv_freq.detach().float().cpu()
         self.seen = 0  # tokens fed so far, padding included (the HF view)
+        self.hidden_prefix: list[int] | None = None  # knowledge tokens read before the prompt, per row
         self.token_ids: list[list[int]] = []
         self.n_new = torch.zeros(0, dtype=torch.long)
         self.bias: torch.Tensor | None = None
