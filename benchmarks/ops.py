@@ -149,7 +149,12 @@ def main(argv=None) -> dict:
                     help="thread counts to run each case with (0 = the libraries' default, all cores)")
     ap.add_argument("--quick", action="store_true", help="one context, 3 reps (smoke run)")
     ap.add_argument("--out", default=str(RESULTS / "ops.json"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     a = ap.parse_args(argv)
+    if a.replot:
+        data = json.loads(Path(a.out).read_text())
+        _plot(data["results"], Path(a.out).with_suffix(".png"))
+        return data
     if a.quick:
         a.contexts, a.reps = "4096", 3
     load0 = _load()
@@ -217,22 +222,28 @@ def _plot(rows, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"default": "-", 1: ":"}
+    colors = {("torch", "float32"): "0.35", ("torch", "bfloat16"): "0.7",
+              ("numba", "float32"): "tab:blue", ("numba", "bfloat16"): "tab:cyan"}
     for ax, C in zip(axes, (1, 512)):
-        for dt, ls in (("float32", "-"), ("bfloat16", "--")):
-            sel = [r for r in rows if r["chunk"] == C and r["dtype"] == dt and r["threads"] == "default"]
-            if not sel:
-                continue
-            xs = [r["context"] for r in sel]
-            for name, color in (("torch", "tab:gray"), ("numba", "tab:blue")):
-                ax.plot(xs, [r[name]["median_ms"] for r in sel], ls, color=color, marker="o",
-                        label=f"{name} {dt}")
+        for th, ls in styles.items():
+            for dt in ("float32", "bfloat16"):
+                sel = [r for r in rows if r["chunk"] == C and r["dtype"] == dt and r["threads"] == th]
+                if not sel:
+                    continue
+                xs = [r["context"] for r in sel]
+                for name in ("torch", "numba"):
+                    ax.plot(xs, [r[name]["median_ms"] for r in sel], ls, color=colors[(name, dt)],
+                            marker="o", label=f"{name} {dt} ({'all cores' if th == 'default' else '1 thread'})")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("context tokens")
-        ax.set_ylabel("ms per call")
-        ax.set_title("decode step" if C == 1 else f"prefill chunk of {C}")
-        ax.legend(fontsize=7)
-    fig.suptitle("fused retrieval attention, SmolLM2 shapes (one layer)")
+        ax.set_ylabel("ms per call (median, log scale)")
+        ax.set_title("decode step" if C == 1 else f"prefill chunk of {C} queries")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=6.5, loc="center right")
+    fig.suptitle("fused retrieval attention, one layer, SmolLM2 shapes: numba vs torch reference")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

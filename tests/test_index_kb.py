@@ -173,7 +173,7 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path):
         assert read_source_text(h.source)[h.start:h.end] == h.text
     with pytest.raises(BadInputError, match="nothing to index"):
         KnowledgeIndex.build([d / "empty.txt", d / "bin.dat"], tmp_path / "kb-empty", **KW)
-    assert not (tmp_path / "kb-empty" / MANIFEST).exists()
+    assert not (tmp_path / "kb-empty").exists(), "a failed first build leaves nothing behind"
 
 
 def test_other_embedder_is_refused(corpus):

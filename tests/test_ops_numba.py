@@ -111,6 +111,15 @@ def test_edge_cases(name, D):
     check_fp32(c)
 
 
+@pytest.mark.parametrize("C", [1, 9])
+@pytest.mark.parametrize("D", [8, 16, 32, 96])
+def test_other_head_dims(C, D):
+    """Tiny test models use head dim 16; any even head dim runs the same kernels."""
+    c = make_case(B=2, Hkv=2, G=2, D=D, S=8, R=2, topk=3, sink=4, local=8, C=C,
+                  ts=[120, 40], ns=[C, 1], seed=D)
+    check_fp32(c)
+
+
 @pytest.mark.parametrize("C", [1, 6])
 def test_no_block_representatives_yet(C):
     """Early in a stream the store may hold no representatives at all (nb = 0)."""

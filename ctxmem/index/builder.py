@@ -163,10 +163,13 @@ class Session:
         self.dir = Path(path)
         if self.dir.exists() and not self.dir.is_dir():
             raise BadInputError(f"{self.dir} exists and is not a folder")
+        self._created = False
+        self.commits = 0
         if not self.dir.exists():
             if not create_ok:
                 raise BadInputError(f"no KB at {self.dir}")
             self.dir.mkdir(parents=True)
+            self._created = True
         self._lock_fd = None
         self._lock()
         try:
@@ -184,7 +187,6 @@ class Session:
         except BaseException:
             self.close()
             raise
-        self.commits = 0
 
     def _lock(self):
         try:
@@ -204,6 +206,17 @@ class Session:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+            if self._created and self.commits == 0:  # a folder we made and never committed to
+                for name in os.listdir(self.dir):
+                    if _ours(name):
+                        try:
+                            os.unlink(self.dir / name)
+                        except OSError:
+                            pass
+                try:
+                    self.dir.rmdir()
+                except OSError:
+                    pass
 
     def __enter__(self):
         return self

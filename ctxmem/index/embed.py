@@ -18,10 +18,13 @@ embedder's name, dimension and its vector for a fixed probe sentence; a differen
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
+import threading
 import weakref
 import zlib
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -107,13 +110,46 @@ def max_tokens(emb) -> int | None:
     return None
 
 
-def encode(emb, texts: list[str], batch_size: int = 32) -> np.ndarray:
-    """Normalised float32 embeddings, shape (len(texts), dim)."""
+_torch_threads_lock = threading.Lock()
+
+
+def query_threads() -> int:
+    """torch threads for embedding a few short texts (env ``CTXMEM_QUERY_THREADS``, default 1; 0 =
+    leave torch's setting). A query's matrices are tiny: more threads add synchronisation, and
+    on a busy machine each parallel op can wait a whole scheduler slice for a descheduled
+    worker (measured on 2 shared cores: 13 ms on one thread, 480 ms on two)."""
+    try:
+        return max(0, int(os.environ.get("CTXMEM_QUERY_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    torch = sys.modules.get("torch")
+    if not n or torch is None:
+        yield
+        return
+    with _torch_threads_lock:
+        old = torch.get_num_threads()
+        if old == n:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+
+def encode(emb, texts: list[str], batch_size: int = 32, threads: int | None = None) -> np.ndarray:
+    """Normalised float32 embeddings, shape (len(texts), dim); ``threads``: torch threads to use."""
     if not texts:
         return np.zeros((0, 0), dtype=np.float32)
     if _is_sentence_transformer(emb):
-        v = emb.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                       normalize_embeddings=True, show_progress_bar=False)
+        with torch_threads(threads):
+            v = emb.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                           normalize_embeddings=True, show_progress_bar=False)
     else:
         v = emb.encode(list(texts))
     v = np.asarray(v, dtype=np.float32)
@@ -137,7 +173,7 @@ def probe(emb) -> np.ndarray:
         cached = None
     if cached is not None:
         return cached
-    p = encode(emb, [PROBE_TEXT])[0]
+    p = encode(emb, [PROBE_TEXT], threads=query_threads())[0]
     try:
         _PROBES[emb] = p
     except TypeError:

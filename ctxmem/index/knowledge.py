@@ -256,7 +256,8 @@ class KnowledgeIndex:
     def search_many(self, texts: list[str], k: int = 5) -> list[list[Hit]]:
         if k <= 0 or not texts:
             return [[] for _ in texts]
-        q = embed.encode(self.embedder, list(texts))
+        threads = embed.query_threads() if len(texts) <= 8 else None
+        q = embed.encode(self.embedder, list(texts), threads=threads)
         return self.search_vectors(q, k)
 
     def search_vectors(self, q: np.ndarray, k: int = 5) -> list[list[Hit]]:
