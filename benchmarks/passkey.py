@@ -51,6 +51,7 @@ def run(args):
     cfg = ctxmem.MemoryConfig(**args.config)
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
+    real_depths = [float(x) for x in (args.real_depths or args.depths).split(",")]
     haystacks = args.haystacks.split(",")
     rows = []
 
@@ -65,20 +66,20 @@ def run(args):
         print(f"{method:7s} {kind:6s} {n:>6d} d={d:.1f} found={row['found']!s:5s} {sec:6.1f}s "
               f"decode {row['decode_ms_per_token']:6.1f} ms/tok  {text[:40]!r}", flush=True)
 
+    ctxmem.wrap(model, cfg, tokenizer=tok)
+    for kind in haystacks:
+        for n in lengths:
+            for i, d in enumerate(real_depths if kind == "real" else depths):
+                one("ctxmem", kind, n, d, i)
+    ctxmem.unwrap(model)
     # the stock model: full sweep where it is affordable, one timing point beyond
     for kind in haystacks:
         for n in [args.stock_ref] + [x for x in lengths if x <= args.stock_max]:
-            for i, d in enumerate(depths):
+            for i, d in enumerate(real_depths if kind == "real" else depths):
                 one("stock", kind, n, d, i)
         for n in [x for x in lengths if args.stock_max < x <= args.stock_time_max]:
             if kind == haystacks[0]:
                 one("stock", kind, n, 0.5, 0)
-    ctxmem.wrap(model, cfg, tokenizer=tok)
-    for kind in haystacks:
-        for n in lengths:
-            for i, d in enumerate(depths):
-                one("ctxmem", kind, n, d, i)
-    ctxmem.unwrap(model)
     result = dict(machine=machine(), config=cfg.to_dict(), lengths=lengths, depths=depths, rows=rows,
                   summary=summarize(rows))
     path = write_json(args.out, result)
@@ -171,9 +172,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096,8192,16384,32768")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--real-depths", default="0.1,0.5,0.9", help="depths for the real-text haystack")
     p.add_argument("--haystacks", default="filler,real")
     p.add_argument("--stock-ref", type=int, default=2048, help="the stock model's own reference length")
-    p.add_argument("--stock-max", type=int, default=8192, help="stock runs every depth up to this length")
+    p.add_argument("--stock-max", type=int, default=4096, help="stock runs every depth up to this length")
     p.add_argument("--stock-time-max", type=int, default=32768, help="... and one depth (for time) up to this")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="MemoryConfig override")

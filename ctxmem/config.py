@@ -31,10 +31,10 @@ class MemoryConfig:
     """
 
     block_size: int = 64
-    topk_blocks: int = 32
+    topk_blocks: int = 9
     sink_tokens: int = 64
-    local_tokens: int = 1024
-    prefill_chunk: int = 512
+    local_tokens: int = 128
+    prefill_chunk: int = 128
     backend: str = "auto"
     reps_per_block: int = 4
     selector: str = "auto"

@@ -20,9 +20,12 @@ class BlockTextIndex:
         self.rows: dict[int, torch.Tensor] = {}  # row -> [n_blocks, dim] unit vectors
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
-        emb = self.embedder.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
-                                   normalize_embeddings=True, show_progress_bar=False)
-        return emb.detach().float().cpu()
+        from ..index.embed import encode
+
+        # One short query per decode step runs on one thread: waking a second costs more than it
+        # saves (and much more on a loaded machine); block batches use all threads.
+        threads = 1 if len(texts) == 1 else None
+        return torch.from_numpy(encode(self.embedder, texts, batch_size=self.batch_size, threads=threads))
 
     def ensure(self, row: int, ids: list[int], nblocks: int, sink: int, S: int) -> torch.Tensor:
         have = self.rows.get(row)
