@@ -8,7 +8,6 @@ STAMP    := $(VENV)/.ctxmem-installed
 # torch pinned exactly: the CPU build of this version lies on these machines' disk; an open
 # range would download a CUDA build of several GB.
 TORCH    ?= torch==2.13.0
-DEMO_DOC ?= $(BIN)/../ctxmem-demo.txt
 
 .PHONY: env demo test bench clean
 
@@ -30,8 +29,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# The measurements behind README's tables (long: about an hour on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.passkey
+	$(BIN)/python -m benchmarks.backends
+	$(BIN)/python -m benchmarks.ops
+	$(BIN)/python -m benchmarks.index
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,11 +4,33 @@
     model = ctxmem.wrap(model, ctxmem.MemoryConfig())
     out = model.generate(input_ids, max_new_tokens=32)   # any context length
     ctxmem.unwrap(model)
+
+    kb = ctxmem.KnowledgeIndex.build(["docs/"], "kb/")
+    hits = ctxmem.KnowledgeIndex.open("kb/").search("a question", k=5)
+
+Names are imported on first use, so `ctxmem index info` does not pay for torch + transformers.
 """
+from importlib import import_module
+
 from .config import MemoryConfig
-from .hf import new_cache, unwrap, wrap
-from .models import load_embedder, load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["MemoryConfig", "wrap", "unwrap", "new_cache", "load_model", "load_embedder", "__version__"]
+_LAZY = {
+    "wrap": ".hf", "unwrap": ".hf", "new_cache": ".hf",
+    "load_model": ".models", "load_embedder": ".models",
+    "KnowledgeIndex": ".index", "Hit": ".index",
+    "memory": ".memory", "ops": ".ops", "index": ".index", "hf": ".hf",
+}
+
+__all__ = ["MemoryConfig", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'ctxmem' has no attribute {name!r}")
+    module = import_module(mod, __name__)
+    value = module if name in ("memory", "ops", "index", "hf") else getattr(module, name)
+    globals()[name] = value
+    return value

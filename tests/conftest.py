@@ -8,13 +8,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-               head_dim: int = 16, window: int = 100_000):
+               head_dim: int = 16, window: int = 100_000, vocab: int = 97):
     """A tiny random causal LM of the given family (fp32, eval mode, sdpa attention)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                               Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=97, hidden_size=heads * head_dim, intermediate_size=96, num_hidden_layers=layers,
+    common = dict(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                   max_position_embeddings=window, attn_implementation="sdpa")
     if family == "llama":
