@@ -73,3 +73,17 @@ def test_cli_ask_bad_context(tmp_path, capsys, content, msg):
     assert msg in capsys.readouterr().err
     assert cli_main(["ask", "--context", str(tmp_path / "missing.txt"), "q"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_cli_ask_with_knowledge(tmp_path, capsys):
+    from ctxmem.index import KnowledgeIndex
+
+    (tmp_path / "notes.txt").write_text("The harbor lantern of Copperton is painted green. " * 5)
+    (tmp_path / "other.txt").write_text("Violins are made of spruce and maple wood. " * 5)
+    KnowledgeIndex.build([str(tmp_path / "notes.txt"), str(tmp_path / "other.txt")], str(tmp_path / "kb"),
+                         embedder="hash:64", progress=False)
+    rc = cli_main(["ask", "--knowledge", str(tmp_path / "kb"), "What colour is the harbor lantern of Copperton?",
+                   "--json", "--max-new-tokens", "12"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "green" in report["answer"].lower()

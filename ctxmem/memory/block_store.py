@@ -107,11 +107,6 @@ class BlockMemoryLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("ctxmem working memory does not support beam search yet")
 
-    def memory_bytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.reps))
-
 
 class MemoryCache(Cache):
     """The working-memory cache ``wrap`` gives the model (one per ``generate`` call or context).
@@ -208,7 +203,4 @@ class MemoryCache(Cache):
             if r is not None:
                 bias[b, : len(r)] = r
         return bias
-
-    def memory_bytes(self) -> int:
-        return sum(layer.memory_bytes() for layer in self.layers)
 
