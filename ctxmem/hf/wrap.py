@@ -94,7 +94,7 @@ def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=
         embedder = None
     if knowledge is not None and tokenizer is None:
         raise ValueError("ctxmem.wrap: knowledge=... needs the tokenizer (pass tokenizer=...)")
-    if isinstance(knowledge, (str,)) or hasattr(knowledge, "__fspath__"):
+    if isinstance(knowledge, str) or hasattr(knowledge, "__fspath__"):
         from ..index import KnowledgeIndex
         knowledge = KnowledgeIndex.open(knowledge)
 
@@ -119,7 +119,7 @@ def unwrap(model):
     return model
 
 
-def new_cache(model, batch_size: int | None = None) -> MemoryCache:
+def new_cache(model) -> MemoryCache:
     """A fresh working memory for a wrapped model (``generate`` makes one by itself)."""
     state = model._ctxmem
     return MemoryCache(model.config.num_hidden_layers, state.cfg, model.model.rotary_emb.inv_freq,
@@ -223,7 +223,7 @@ def _make_forward(model, state: WrapState):
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(f"ctxmem: a wrapped model keeps its context in a MemoryCache, got a non-empty "
                                  f"{type(cache).__name__}")
-            cache = new_cache(model, B)
+            cache = new_cache(model)
         past = cache.seen
         if attention_mask is None:
             valid = torch.ones(B, L, dtype=torch.bool)
