@@ -27,14 +27,12 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 def cmd_ask(args) -> int:
-    import psutil
     import torch
 
     from . import MemoryConfig, load_model, wrap
     from .reading import build_prompt, read_text_file
 
     torch.set_grad_enabled(False)
-    proc = psutil.Process()
     t0 = time.perf_counter()
     context = read_text_file(args.context) if args.context else ""
     if not context and not args.knowledge:
@@ -57,7 +55,7 @@ def cmd_ask(args) -> int:
                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     t_answer = time.perf_counter() - t1
     answer = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
-    peak = _peak_rss_mb(proc)
+    peak = _peak_rss_mb()
     report = {"answer": answer, "context_tokens": len(ids), "seconds_answer": round(t_answer, 2),
               "seconds_load": round(t_load, 2), "tokens_per_second_read": round(len(ids) / t_answer, 1),
               "peak_rss_mb": round(peak), "mode": "stock" if args.stock else "ctxmem"}
@@ -71,10 +69,10 @@ def cmd_ask(args) -> int:
     return 0
 
 
-def _peak_rss_mb(proc) -> float:
+def _peak_rss_mb() -> float:
     import resource
 
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, proc.memory_info().rss / 2**20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,6 @@ class WrapState:
     embedder: Any = None
     knowledge: Any = None
     knowledge_budget: int = 1024
-    selector: str = "keys"
     progress: bool = False
 
 
@@ -101,7 +100,7 @@ def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=
     attention.register()
     state = WrapState(cfg=cfg, orig_attn=model.config._attn_implementation, tokenizer=tokenizer,
                       embedder=embedder, knowledge=knowledge, knowledge_budget=knowledge_budget,
-                      selector=selector, progress=progress)
+                      progress=progress)
     model.set_attn_implementation(attention.NAME)
     model.forward = _make_forward(model, state)
     model._ctxmem = state

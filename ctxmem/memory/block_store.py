@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..config import MemoryConfig
-from ..ops import OpParams
+from ..ops import OpParams, middle_blocks
 from .text_index import BlockTextIndex
 
 
@@ -32,7 +32,6 @@ class BlockMemoryLayer(CacheLayerMixin):
         self.v: torch.Tensor | None = None
         self.reps: torch.Tensor | None = None  # [B, Hkv, cap_blocks, R, D]
         self.lengths = torch.zeros(0, dtype=torch.long)
-        self.nreps: list[int] = []
 
     def lazy_initialization(self, key_states, value_states) -> None:
         B, H, _, D = key_states.shape
@@ -42,7 +41,6 @@ class BlockMemoryLayer(CacheLayerMixin):
         self.v = value_states.new_zeros(B, H, 0, D)
         self.reps = key_states.new_zeros(B, H, 0, cfg.reps_per_block, D)
         self.lengths = torch.zeros(B, dtype=torch.long)
-        self.nreps = [0] * B
         self.is_initialized = True
 
     def _grow(self, need: int) -> None:
@@ -77,18 +75,17 @@ class BlockMemoryLayer(CacheLayerMixin):
             if n == 0:
                 continue
             L = int(self.lengths[b])
+            j0 = max(0, (L - sink) // S)  # blocks already complete (and summarised) before this chunk
             # left padding: the row's real tokens are the last n of the chunk
             self.k[b, :, L:L + n] = key_states[b, :, C - n:]
             self.v[b, :, L:L + n] = value_states[b, :, C - n:]
             L += n
             self.lengths[b] = L
             done = max(0, (L - sink) // S)
-            j0 = self.nreps[b]
             if done > j0:
                 blk = self.k[b, :, sink + j0 * S: sink + done * S]  # [H, (done-j0)*S, D]
                 H, _, D = blk.shape
                 self.reps[b, :, j0:done] = blk.reshape(H, done - j0, R, S // R, D).float().mean(3).to(blk.dtype)
-                self.nreps[b] = done
         # The attention function reads the store directly; what we return is not used by it.
         return key_states, value_states
 
@@ -184,8 +181,6 @@ class MemoryCache(Cache):
     def _embedder_bias(self, t_before: list[int]) -> torch.Tensor | None:
         cfg = self.cfg
         probe = self.op_params(1.0)
-        from ..ops import middle_blocks
-
         rows = []
         for b, t in enumerate(t_before):
             nmid = middle_blocks(t, probe)
