@@ -4,6 +4,32 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 BACKENDS = ("auto", "torch", "numba", "cuda")
+COLD_DTYPES = ("fp32", "fp16", "int8")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value) -> int:
+    """512 -> 512; "512MB" -> 512e6; "1.5GiB" -> 1.5 * 2**30. Raises ValueError naming the value."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size in bytes, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        s = value.strip().upper().replace(" ", "")
+        num = s.rstrip("KMGTIB")
+        unit = s[len(num):]
+        if unit not in _UNITS or not num:
+            raise ValueError(f"expected a size like 512MB or 2GB, got {value!r}")
+        try:
+            n = int(float(num) * _UNITS[unit])
+        except ValueError:
+            raise ValueError(f"expected a size like 512MB or 2GB, got {value!r}") from None
+    else:
+        raise ValueError(f"expected a size in bytes, got {value!r}")
+    if n < 0:
+        raise ValueError(f"a size cannot be negative, got {value!r}")
+    return n
 SELECTORS = ("auto", "embed", "keys")
 
 
@@ -28,6 +54,12 @@ class MemoryConfig:
                     (None = topk_blocks; 0 = sinks + local window only, StreamingLLM-style)
     max_context     refuse inputs longer than this many tokens (clear error, not an OOM)
     embedder        sentence-transformers id/path for the embed selector ("minilm" = bundled)
+    ram_budget      None = keep every block in RAM (fastest). Else bytes (int, or "512MB", "2GB")
+                    of decoded KV blocks cached in RAM; colder blocks live in a disk file. Sinks,
+                    the local tail and the block representatives stay in RAM on top of it.
+    cold_dtype      how blocks leaving the live tail are stored when ram_budget is set:
+                    "fp16" (default), "int8" (per-channel scales) or "fp32" (exact)
+    offload_dir     folder for the cold file (default: the system temp folder)
     """
 
     block_size: int = 64
@@ -44,6 +76,9 @@ class MemoryConfig:
     prefill_topk: int | None = None
     max_context: int = 2_000_000
     embedder: str = "minilm"
+    ram_budget: int | str | None = None
+    cold_dtype: str = "fp16"
+    offload_dir: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -68,6 +103,16 @@ class MemoryConfig:
              f"reps_per_block ({self.reps_per_block}) must divide block_size ({self.block_size})")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.selector in SELECTORS, f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        need(self.cold_dtype in COLD_DTYPES, f"cold_dtype must be one of {COLD_DTYPES}, got {self.cold_dtype!r}")
+        if self.ram_budget is not None:
+            try:
+                parse_bytes(self.ram_budget)
+            except ValueError as e:
+                need(False, f"ram_budget: {e}")
+
+    @property
+    def ram_budget_bytes(self) -> int | None:
+        return None if self.ram_budget is None else parse_bytes(self.ram_budget)
 
     @property
     def body_topk(self) -> int:

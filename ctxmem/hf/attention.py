@@ -14,6 +14,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+import torch
+
 from ..ops import retrieval_attention
 
 NAME = "ctxmem"
@@ -38,11 +40,18 @@ def ctxmem_attention(module, query, key, value, attention_mask, dropout: float =
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     bias = None if cache.bias is None else cache.bias.to(query.device)
+    params = cache.op_params(scaling)
+    k, v, reps, lengths, bias, blocks = layer.op_inputs(query, params, bias)
     out, selected = retrieval_attention(
-        query, layer.k, layer.v, layer.reps, layer.lengths, cache.n_new, cache.op_params(scaling),
-        cache.inv_freq.to(query.device), bias, backend=cache.cfg.backend,
+        query, k, v, reps, lengths, cache.n_new, params, cache.inv_freq.to(query.device), bias,
+        backend=cache.cfg.backend,
     )
     if cache.record_selection:
+        if blocks is not None:  # a compact store: map its block indices back to the row's
+            for b, U in enumerate(blocks):
+                if U is not None and U.numel():
+                    sel = selected[b]
+                    selected[b] = torch.where(sel >= 0, U.to(sel.device)[sel.clamp(min=0)], sel)
         cache.last_selection[module.layer_idx] = selected
     return out.transpose(1, 2).contiguous(), None
 

@@ -37,6 +37,7 @@ class WrapState:
     knowledge: Any = None
     knowledge_budget: int = 1024
     progress: bool = False
+    last_memory: Any = None  # the MemoryCache of the latest forward (what save_memory saves by default)
 
 
 def _rope_type(mc) -> str:
@@ -123,6 +124,23 @@ def new_cache(model) -> MemoryCache:
     state = model._ctxmem
     return MemoryCache(model.config.num_hidden_layers, state.cfg, model.model.rotary_emb.inv_freq,
                        tokenizer=state.tokenizer, embedder=state.embedder)
+
+
+def read_memory(model, input_ids: torch.Tensor, memory: MemoryCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> MemoryCache:
+    """Read tokens into working memory without generating; returns the memory.
+
+    Continue from it with ``model.generate(all_ids, cache=memory)`` (``all_ids`` = the
+    tokens read so far followed by the new ones), or keep it with ``ctxmem.save_memory``.
+    """
+    if getattr(model, "_ctxmem", None) is None:
+        raise ValueError("ctxmem.read_memory: the model is not wrapped (ctxmem.wrap(model) first)")
+    memory = memory if memory is not None else new_cache(model)
+    if attention_mask is not None and memory.seen:
+        raise ValueError("ctxmem.read_memory: pass attention_mask only for the first read into a memory")
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, cache=memory, logits_to_keep=1)
+    return out.cache
 
 
 def _chunk_bounds(L: int, chunk: int) -> list[tuple[int, int]]:
@@ -223,6 +241,7 @@ def _make_forward(model, state: WrapState):
                 raise ValueError(f"ctxmem: a wrapped model keeps its context in a MemoryCache, got a non-empty "
                                  f"{type(cache).__name__}")
             cache = new_cache(model)
+        state.last_memory = cache
         past = cache.seen
         if attention_mask is None:
             valid = torch.ones(B, L, dtype=torch.bool)

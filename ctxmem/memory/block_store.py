@@ -89,6 +89,10 @@ class BlockMemoryLayer(CacheLayerMixin):
         # The attention function reads the store directly; what we return is not used by it.
         return key_states, value_states
 
+    def op_inputs(self, query: torch.Tensor, params: OpParams, bias: torch.Tensor | None):
+        """What the fused op reads: the whole store (see ``TieredMemoryLayer`` for the bounded one)."""
+        return self.k, self.v, self.reps, self.lengths, bias, None
+
     def get_seq_length(self) -> int:
         return self.owner.seen
 
@@ -114,8 +118,14 @@ class MemoryCache(Cache):
 
     def __init__(self, num_layers: int, cfg: MemoryConfig, inv_freq: torch.Tensor,
                  tokenizer=None, embedder=None):
-        super().__init__(layers=[BlockMemoryLayer(self) for _ in range(num_layers)])
+        if cfg.ram_budget is None:
+            layers = [BlockMemoryLayer(self) for _ in range(num_layers)]
+        else:
+            from .tiered import TieredMemoryLayer
+            layers = [TieredMemoryLayer(self, i) for i in range(num_layers)]
+        super().__init__(layers=layers)
         self.cfg = cfg
+        self.cold = None  # ColdBlockStore, created with the first tiered layer
         self.inv_freq = inv_freq.detach().float().cpu()
         self.seen = 0  # tokens fed so far, padding included (the HF view)
         self.hidden_prefix: list[int] | None = None  # knowledge tokens read before the prompt, per row
@@ -139,6 +149,22 @@ class MemoryCache(Cache):
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("ctxmem working memory does not support beam search yet")
+
+    # -- the cold tier (ram_budget set) ------------------------------------------------------
+    @property
+    def tiered(self) -> bool:
+        return self.cfg.ram_budget is not None
+
+    def reps_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Representatives stay in RAM for every block: half precision unless blocks are exact."""
+        return dtype if self.cfg.cold_dtype == "fp32" else torch.float16
+
+    def cold_store(self, H: int, D: int, dtype: torch.dtype):
+        if self.cold is None:
+            from .cold_store import ColdBlockStore
+            self.cold = ColdBlockStore(H, self.cfg.block_size, D, dtype, self.cfg.cold_dtype,
+                                       self.cfg.ram_budget_bytes, self.cfg.offload_dir)
+        return self.cold
 
     # -- chunk bookkeeping (called by the wrapped forward) --------------------------------
     @property

@@ -1,0 +1,192 @@
+"""Cold tier of working memory: KV blocks on disk, a RAM cache of the hot ones.
+
+A block (keys and values of ``S`` tokens for every KV head of one layer and row) leaves the
+live tail once it can only ever be reached by retrieval. It is *encoded* once, in the cold
+dtype, and from then on every reader sees ``decode(encode(block))`` whether it comes from RAM
+or from disk, so answers never depend on what happened to be cached.
+
+    fp32  the values as they are (exact)
+    fp16  half precision (relative error ~5e-4)
+    int8  per-block, per-head, per-channel absmax scale (keys have outlier channels, so one scale
+          per channel, not per block), |error| <= scale / 2
+
+The RAM cache is an LRU of decoded blocks sized in bytes (``MemoryConfig.ram_budget``). It is
+write-back: a block is written to the file only when it is evicted, so a context that fits the
+budget never touches the disk. The file is opened then unlinked at once: it needs no cleanup,
+even after a crash. Reads and writes use ``pread``/``pwrite`` rather than a memory map, because
+mapped pages count in the process's resident set and would make the RAM bound a fiction.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from ..config import COLD_DTYPES
+
+_NP = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1")}
+
+
+def encoded_nbytes(cold_dtype: str, H: int, S: int, D: int) -> int:
+    """Bytes of one encoded block (keys + values, and int8's fp32 scales)."""
+    n = 2 * H * S * D * _NP[cold_dtype].itemsize
+    return n + (2 * H * D * 4 if cold_dtype == "int8" else 0)
+
+
+def encode_block(k: torch.Tensor, v: torch.Tensor, cold_dtype: str) -> bytes:
+    """k, v [H, S, D] -> little-endian bytes: k payload, v payload, then (int8) k scales, v scales."""
+    parts, scales = [], []
+    for x in (k, v):
+        x = x.detach().float().cpu()
+        if cold_dtype == "int8":
+            scale = x.abs().amax(dim=1, keepdim=True) / 127.0  # [H, 1, D]
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
+            parts.append(q.numpy().tobytes())
+            scales.append(scale.numpy().astype("<f4").tobytes())
+        else:
+            parts.append(x.numpy().astype(_NP[cold_dtype]).tobytes())
+    return b"".join(parts + scales)
+
+
+def decode_block(buf, cold_dtype: str, H: int, S: int, D: int, dtype: torch.dtype):
+    """Inverse of ``encode_block``: bytes -> (k, v) [H, S, D] in ``dtype``."""
+    dt = _NP[cold_dtype]
+    n = H * S * D
+    flat = np.frombuffer(buf, dtype=dt, count=2 * n)
+    k = torch.from_numpy(flat[:n].astype(np.float32).reshape(H, S, D))
+    v = torch.from_numpy(flat[n:].astype(np.float32).reshape(H, S, D))
+    if cold_dtype == "int8":
+        sc = np.frombuffer(buf, dtype="<f4", count=2 * H * D, offset=2 * n * dt.itemsize)
+        k = k * torch.from_numpy(sc[: H * D].reshape(H, 1, D).copy())
+        v = v * torch.from_numpy(sc[H * D:].reshape(H, 1, D).copy())
+    return k.to(dtype), v.to(dtype)
+
+
+class ColdBlockStore:
+    """All layers' and rows' cold blocks of one ``MemoryCache``: a file plus an LRU in RAM.
+
+    Blocks are keyed by (layer, row, block index) and are immutable once put.
+    """
+
+    def __init__(self, H: int, S: int, D: int, dtype: torch.dtype, cold_dtype: str, budget_bytes: int,
+                 directory: str | None = None):
+        if cold_dtype not in COLD_DTYPES:
+            raise ValueError(f"cold_dtype must be one of {COLD_DTYPES}, got {cold_dtype!r}")
+        self.H, self.S, self.D, self.dtype, self.cold_dtype = H, S, D, dtype, cold_dtype
+        self.budget = int(budget_bytes)
+        self.rec_bytes = encoded_nbytes(cold_dtype, H, S, D)
+        self.block_ram = 2 * H * S * D * torch.empty((), dtype=dtype).element_size()
+        self.directory = directory
+        self._fd: int | None = None
+        self._slots: dict[tuple, int] = {}  # key -> record index in the file
+        # key -> [k, v, encoded bytes or None once written]
+        self._lru: OrderedDict[tuple, list] = OrderedDict()
+        self._ram = 0  # bytes held by the LRU (kept as a running total: eviction checks it per put)
+        self.stats = {"hits": 0, "disk_reads": 0, "disk_writes": 0}
+
+    # -- file ------------------------------------------------------------------------------
+    def _file(self) -> int:
+        if self._fd is None:
+            d = self.directory or tempfile.gettempdir()
+            os.makedirs(d, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix="ctxmem-cold-", suffix=".kv", dir=d)
+            os.unlink(path)  # the space is freed when the fd closes, even after kill -9
+            self._fd = fd
+        return self._fd
+
+    def _write(self, key: tuple, data: bytes) -> None:
+        slot = self._slots.setdefault(key, len(self._slots))
+        fd, off = self._file(), slot * self.rec_bytes
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, off)
+            view, off = view[n:], off + n
+        self.stats["disk_writes"] += 1
+
+    def _read(self, key: tuple) -> bytes:
+        off = self._slots[key] * self.rec_bytes
+        data = os.pread(self._fd, self.rec_bytes, off)
+        if len(data) != self.rec_bytes:
+            raise OSError(f"ctxmem cold store: short read of block {key} ({len(data)} of {self.rec_bytes} bytes)")
+        self.stats["disk_reads"] += 1
+        return data
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- blocks ----------------------------------------------------------------------------
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._lru or key in self._slots
+
+    def __len__(self) -> int:
+        return len(set(self._lru) | set(self._slots))
+
+    @property
+    def ram_bytes(self) -> int:
+        """Bytes of decoded blocks (and not-yet-written encodings) held in RAM."""
+        return self._ram
+
+    def _entry_bytes(self, e: list) -> int:
+        return self.block_ram + (len(e[2]) if e[2] is not None else 0)
+
+    def put(self, key: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a block [H, S, D] (encoded once; RAM keeps the decoded form)."""
+        self.put_encoded(key, encode_block(k, v, self.cold_dtype))
+
+    def put_encoded(self, key: tuple, data: bytes) -> None:
+        if key in self:
+            raise KeyError(f"ctxmem cold store: block {key} is already stored (blocks are immutable)")
+        if len(data) != self.rec_bytes:
+            raise ValueError(f"ctxmem cold store: block {key} has {len(data)} bytes, expected {self.rec_bytes}")
+        k, v = decode_block(data, self.cold_dtype, self.H, self.S, self.D, self.dtype)
+        e = self._lru[key] = [k, v, bytes(data)]
+        self._ram += self._entry_bytes(e)
+        self._evict()
+
+    def get(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded block (k, v) [H, S, D]; from RAM when cached, else from the file."""
+        e = self._lru.get(key)
+        if e is not None:
+            self._lru.move_to_end(key)
+            self.stats["hits"] += 1
+            return e[0], e[1]
+        if key not in self._slots:
+            raise KeyError(f"ctxmem cold store: no block {key}")
+        k, v = decode_block(self._read(key), self.cold_dtype, self.H, self.S, self.D, self.dtype)
+        e = self._lru[key] = [k, v, None]
+        self._ram += self._entry_bytes(e)
+        self._evict(keep=key)
+        return k, v
+
+    def encoded(self, key: tuple) -> bytes:
+        """The block's encoded bytes (what ``save_memory`` writes)."""
+        e = self._lru.get(key)
+        if e is not None and e[2] is not None:
+            return e[2]
+        return self._read(key)
+
+    def _evict(self, keep: tuple | None = None) -> None:
+        while self._lru and self._ram > self.budget:
+            key = next(iter(self._lru))
+            if key == keep:  # the block just asked for stays, even over a tiny budget
+                if len(self._lru) == 1:
+                    return
+                self._lru.move_to_end(key)
+                continue
+            e = self._lru.pop(key)
+            self._ram -= self._entry_bytes(e)
+            data = e[2]
+            if data is not None:
+                self._write(key, data)

@@ -1,0 +1,378 @@
+"""Save working memory to a folder and load it in another process: read once, answer many times.
+
+A memory folder holds two files:
+
+    manifest.msgpack     {"crc32": c, "body": msgpack(bytes)}; the body says what was saved
+                         (format, version, model fingerprint, layout, rows, dtypes) and lists the
+                         data file's segments with their byte lengths and crc32s
+    data-<id>.bin        the segments, little-endian, in this order:
+                           tokens of each row (int32)
+                           for each layer, for each row: hot keys [H, n, D], hot values,
+                             representatives [H, nblocks, R, D], then the row's cold blocks in
+                             their encoded form (see cold_store.py)
+                           the block-text embeddings of each row (float32 [n, dim])
+
+"Hot" positions are the sinks and the tail a ``TieredMemoryLayer`` keeps in RAM; for an
+all-in-RAM layer they are every position. Writes are atomic: the data file under a fresh name,
+then the manifest (temp file + fsync + rename), then old data files are removed. A kill at any
+moment leaves the old memory or the new one. No absolute paths are stored, so a folder can be
+moved or copied to another machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+import zlib
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import torch
+
+from .._atomic import atomic_open, atomic_write_bytes, fsync_dir
+from .block_store import MemoryCache
+
+FORMAT = "ctxmem-memory"
+VERSION = 1
+MANIFEST = "manifest.msgpack"
+LAYOUT_FIELDS = ("block_size", "sink_tokens", "local_tokens", "reps_per_block")
+_DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2"), "bfloat16": (torch.bfloat16, "<i2")}
+
+
+class MemoryFormatError(ValueError):
+    """A memory folder is missing, truncated, corrupt or of another version; names the file."""
+
+    def __init__(self, path, msg: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {msg}")
+
+
+class MemoryMismatchError(ValueError):
+    """The memory was made by a different model, or with a block layout this config does not share."""
+
+
+# -- what must match --------------------------------------------------------------------------
+def model_fingerprint(model) -> dict:
+    """Shapes plus a digest of the embedding matrix and the last layer's key projection: two
+    checkpoints of one architecture differ here, so a fine-tuned model cannot read another's memory."""
+    mc = model.config
+    h = hashlib.sha256()
+    for w in (model.get_input_embeddings().weight, model.model.layers[-1].self_attn.k_proj.weight):
+        h.update(w.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False).data)
+    return {"model_type": mc.model_type, "num_layers": int(mc.num_hidden_layers),
+            "kv_heads": int(mc.num_key_value_heads), "head_dim": int(getattr(mc, "head_dim", None) or
+                                                                    mc.hidden_size // mc.num_attention_heads),
+            "vocab_size": int(mc.vocab_size), "weights_sha256": h.hexdigest()}
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    for name, (t, _) in _DTYPES.items():
+        if t == dt:
+            return name
+    raise ValueError(f"ctxmem.save_memory: unsupported KV dtype {dt}")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    arr = t.numpy()
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+
+
+# -- save -----------------------------------------------------------------------------------
+class _Writer:
+    def __init__(self, f):
+        self.f, self.segments, self.offset = f, [], 0
+
+    def put(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        self.f.write(mv)
+        self.segments.append([self.offset, mv.nbytes, zlib.crc32(mv)])
+        self.offset += mv.nbytes
+
+
+def _row_export(layer, b: int):
+    """(hot_k, hot_v, spilled) for one row of either layer kind."""
+    L = int(layer.lengths[b])
+    if not hasattr(layer, "spilled"):
+        return layer.k[b, :, :L], layer.v[b, :, :L], 0
+    h = layer.hot_len(b)
+    return layer.k[b, :, :h], layer.v[b, :, :h], int(layer.spilled[b])
+
+
+def save_memory(model, path: str | os.PathLike, memory: MemoryCache | None = None, *, meta: dict | None = None) -> Path:
+    """Write ``memory`` (default: the last memory the wrapped ``model`` read) to folder ``path``.
+
+    ``meta``: small msgpack-able facts to keep beside it (``ctxmem ask`` stores its source's hash).
+    """
+    state = getattr(model, "_ctxmem", None)
+    if state is None:
+        raise ValueError("ctxmem.save_memory: the model is not wrapped (ctxmem.wrap(model) first)")
+    memory = memory if memory is not None else state.last_memory
+    if memory is None or not memory.token_ids or not memory.layers[0].is_initialized:
+        raise ValueError("ctxmem.save_memory: nothing to save (the model has not read anything yet)")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"ctxmem.save_memory: {path} exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    layers = memory.layers
+    l0 = layers[0]
+    B, H, _, D = l0.k.shape
+    cold = memory.cold
+    data_name = f"data-{uuid.uuid4().hex[:12]}.bin"
+    embed = memory.text_index.rows if memory.text_index is not None else {}
+    with atomic_open(path / data_name) as f:
+        w = _Writer(f)
+        for b in range(B):
+            w.put(np.asarray(memory.token_ids[b], dtype="<i4"))
+        rows = []
+        for li, layer in enumerate(layers):
+            for b in range(B):
+                hk, hv, spilled = _row_export(layer, b)
+                nblocks = max(0, (int(layer.lengths[b]) - memory.cfg.sink_tokens) // memory.cfg.block_size)
+                w.put(_np(hk))
+                w.put(_np(hv))
+                w.put(_np(layer.reps[b, :, :nblocks]))
+                for j in range(spilled):
+                    w.put(cold.encoded((li, b, j)))
+                if li == 0:
+                    rows.append({"length": int(layer.lengths[b]), "spilled": spilled, "hot": int(hk.shape[1]),
+                                 "blocks": nblocks})
+        dims = []
+        for b in range(B):
+            e = embed.get(b)
+            dims.append(0 if e is None else list(e.shape))
+            if e is not None:
+                w.put(_np(e.float()))
+        segments = w.segments
+    body = {
+        "format": FORMAT, "version": VERSION, "byte_order": "little",
+        "model": model_fingerprint(model),
+        "layout": {k: getattr(memory.cfg, k) for k in LAYOUT_FIELDS},
+        "config": memory.cfg.to_dict(),
+        "dtype": _dtype_name(l0.k.dtype), "reps_dtype": _dtype_name(l0.reps.dtype),
+        "cold_dtype": cold.cold_dtype if cold is not None else None,
+        "num_layers": len(layers), "kv_heads": int(H), "head_dim": int(D), "reps_per_block": int(l0.reps.shape[3]),
+        "seen": int(memory.seen), "hidden_prefix": memory.hidden_prefix,
+        "rows": rows, "embeddings": dims,
+        "data": {"name": data_name, "bytes": w.offset}, "segments": segments, "meta": meta or {},
+    }
+    raw = msgpack.packb(body, use_bin_type=True)
+    atomic_write_bytes(path / MANIFEST, msgpack.packb({"crc32": zlib.crc32(raw), "body": raw}, use_bin_type=True))
+    for old in path.glob("data-*.bin"):  # the manifest now points at the new data: the old can go
+        if old.name != data_name:
+            old.unlink(missing_ok=True)
+    fsync_dir(path)
+    return path
+
+
+# -- load -----------------------------------------------------------------------------------
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest's body, validated; raises ``MemoryFormatError`` naming the file otherwise."""
+    mpath = Path(path) / MANIFEST
+    try:
+        data = mpath.read_bytes()
+    except FileNotFoundError:
+        raise MemoryFormatError(mpath, "no memory here (manifest missing)") from None
+    except OSError as e:
+        raise MemoryFormatError(mpath, f"cannot read ({e.strerror or e})") from None
+    try:
+        outer = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several types on garbage
+        raise MemoryFormatError(mpath, f"not a msgpack manifest ({type(e).__name__})") from None
+    if not isinstance(outer, dict) or not isinstance(outer.get("body"), bytes) or not isinstance(outer.get("crc32"), int):
+        raise MemoryFormatError(mpath, "not a ctxmem memory manifest")
+    if zlib.crc32(outer["body"]) != outer["crc32"]:
+        raise MemoryFormatError(mpath, "checksum mismatch (the manifest is corrupt)")
+    try:
+        body = msgpack.unpackb(outer["body"], raw=False)
+    except Exception as e:
+        raise MemoryFormatError(mpath, f"corrupt manifest body ({type(e).__name__})") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise MemoryFormatError(mpath, "not a ctxmem memory manifest")
+    if body.get("version") != VERSION:
+        raise MemoryFormatError(mpath, f"memory format version {body.get('version')!r}; this ctxmem reads {VERSION}")
+    _check_body(mpath, body)
+    return body
+
+
+def _check_body(mpath, body: dict) -> None:
+    """Structure and arithmetic: every count the loader will trust is checked here."""
+    def need(cond, what):
+        if not cond:
+            raise MemoryFormatError(mpath, f"inconsistent manifest: {what}")
+
+    def nat(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    need(body.get("byte_order") == "little", "byte_order")
+    need(body.get("dtype") in _DTYPES and body.get("reps_dtype") in _DTYPES, "dtype")
+    need(body.get("cold_dtype") in (None, "fp32", "fp16", "int8"), "cold_dtype")
+    for k in ("num_layers", "kv_heads", "head_dim", "reps_per_block", "seen"):
+        need(nat(body.get(k)) and (k == "seen" or body[k] > 0), k)
+    need(isinstance(body.get("model"), dict) and isinstance(body.get("layout"), dict), "model/layout")
+    lay = body["layout"]
+    need(all(nat(lay.get(k)) for k in LAYOUT_FIELDS) and lay["block_size"] > 0, "layout")
+    need(lay["block_size"] % body["reps_per_block"] == 0, "reps_per_block")
+    rows, dims = body.get("rows"), body.get("embeddings")
+    need(isinstance(rows, list) and rows and isinstance(dims, list) and len(dims) == len(rows), "rows")
+    hp = body.get("hidden_prefix")
+    need(hp is None or (isinstance(hp, list) and len(hp) == len(rows) and all(nat(x) for x in hp)), "hidden_prefix")
+    S, sink = lay["block_size"], lay["sink_tokens"]
+    for r in rows:
+        need(isinstance(r, dict) and all(nat(r.get(k)) for k in ("length", "spilled", "hot", "blocks")), "row")
+        need(r["blocks"] == max(0, (r["length"] - sink) // S), "row blocks")
+        need(r["spilled"] <= r["blocks"] and r["hot"] == r["length"] - r["spilled"] * S, "row spill")
+        need(r["spilled"] == 0 or body["cold_dtype"] is not None, "cold blocks without a cold dtype")
+    for d in dims:
+        need(d == 0 or (isinstance(d, list) and len(d) == 2 and all(nat(x) for x in d)), "embeddings")
+    data = body.get("data")
+    need(isinstance(data, dict) and isinstance(data.get("name"), str) and nat(data.get("bytes")), "data")
+    need(data["name"].startswith("data-") and "/" not in data["name"] and "\\" not in data["name"]
+         and ".." not in data["name"], "data file name")
+    segs = body.get("segments")
+    need(isinstance(segs, list) and all(isinstance(s, list) and len(s) == 3 and all(nat(x) for x in s) for s in segs),
+         "segments")
+    off = 0
+    for s in segs:
+        need(s[0] == off, "segment offsets")
+        off += s[1]
+    need(off == data["bytes"], "segment total")
+    # the segment count the loader will walk, and each segment's size from the shapes
+    esz = {"float32": 4, "float16": 2, "bfloat16": 2}
+    H, D, R = body["kv_heads"], body["head_dim"], body["reps_per_block"]
+    from .cold_store import encoded_nbytes
+    rec = encoded_nbytes(body["cold_dtype"], H, S, D) if body["cold_dtype"] else 0
+    want = [r["length"] * 4 for r in rows]
+    for _ in range(body["num_layers"]):
+        for r in rows:
+            want += [H * r["hot"] * D * esz[body["dtype"]]] * 2
+            want += [H * r["blocks"] * R * D * esz[body["reps_dtype"]]]
+            want += [rec] * r["spilled"]
+    want += [d[0] * d[1] * 4 for d in dims if d != 0]
+    need(len(want) == len(segs) and all(w == s[1] for w, s in zip(want, segs)), "segment sizes")
+
+
+class _Reader:
+    def __init__(self, path: Path, segments: list):
+        self.path, self.segments, self.i = path, segments, 0
+        try:
+            self.f = open(path, "rb")
+        except OSError as e:
+            raise MemoryFormatError(path, f"cannot open the data file ({e.strerror or e})") from None
+
+    def next(self) -> bytearray:
+        off, n, crc = self.segments[self.i]
+        self.i += 1
+        buf = bytearray(n)
+        got = self.f.readinto(buf) if n else 0
+        if got != n:
+            raise MemoryFormatError(self.path, f"truncated (segment {self.i - 1} at byte {off})")
+        if zlib.crc32(buf) != crc:
+            raise MemoryFormatError(self.path, f"checksum mismatch in segment {self.i - 1} (byte {off})")
+        return buf
+
+    def tensor(self, dtype_name: str, shape) -> torch.Tensor:
+        t, np_dt = _DTYPES[dtype_name]
+        arr = np.frombuffer(self.next(), dtype=np_dt).astype(np.dtype(np_dt).newbyteorder("="), copy=False)
+        x = torch.from_numpy(arr.reshape(shape))
+        return x.view(torch.bfloat16) if dtype_name == "bfloat16" else x
+
+    def close(self):
+        self.f.close()
+
+
+def load_memory(model, path: str | os.PathLike) -> MemoryCache:
+    """Read a memory folder into a fresh ``MemoryCache`` for the wrapped ``model``.
+
+    Pass it to ``generate(all_ids, cache=memory)`` with the saved tokens followed by new
+    ones. The model must be the one that made the memory, and its ``MemoryConfig`` must share the
+    block layout (``LAYOUT_FIELDS``); topk, selector, backend and the RAM budget may differ.
+    """
+    from ..hf.wrap import new_cache
+
+    state = getattr(model, "_ctxmem", None)
+    if state is None:
+        raise ValueError("ctxmem.load_memory: the model is not wrapped (ctxmem.wrap(model) first)")
+    path = Path(path)
+    body = read_manifest(path)
+    mine = model_fingerprint(model)
+    diff = [k for k in mine if body["model"].get(k) != mine[k]]
+    if diff:
+        raise MemoryMismatchError(f"ctxmem.load_memory: {path} was made by a different model "
+                                  f"(differs in {', '.join(diff)})")
+    cfg = state.cfg
+    bad = [f"{k}={body['layout'][k]} (this config: {getattr(cfg, k)})" for k in LAYOUT_FIELDS
+           if body["layout"][k] != getattr(cfg, k)]
+    if bad:
+        raise MemoryMismatchError(f"ctxmem.load_memory: {path} was made with another block layout: {'; '.join(bad)}")
+    memory = new_cache(model)
+    rows = body["rows"]
+    B, H, D, R = len(rows), body["kv_heads"], body["head_dim"], body["reps_per_block"]
+    S, sink = cfg.block_size, cfg.sink_tokens
+    dtype = _DTYPES[body["dtype"]][0]
+    reader = _Reader(path / body["data"]["name"], body["segments"])
+    try:
+        memory.token_ids = [np.frombuffer(reader.next(), dtype="<i4").tolist() for _ in range(B)]
+        if [len(t) for t in memory.token_ids] != [r["length"] for r in rows]:
+            raise MemoryFormatError(reader.path, "token counts disagree with the manifest")
+        src_cold = None
+        if body["cold_dtype"] is not None:
+            from .cold_store import decode_block
+            src_cold = body["cold_dtype"]
+        for li, layer in enumerate(memory.layers):
+            probe = torch.zeros(B, H, 1, D, dtype=dtype)
+            layer.lazy_initialization(probe, probe)
+            tiered = hasattr(layer, "spilled")
+            maxlen = max(r["length"] for r in rows)
+            maxblocks = max(r["blocks"] for r in rows)
+            if tiered:
+                layer._grow_hot(max(r["hot"] for r in rows) + 1)
+                layer._grow_reps(maxblocks)
+            else:
+                layer._grow(maxlen + 1)
+            for b, r in enumerate(rows):
+                hk = reader.tensor(body["dtype"], (H, r["hot"], D))
+                hv = reader.tensor(body["dtype"], (H, r["hot"], D))
+                reps = reader.tensor(body["reps_dtype"], (H, r["blocks"], R, D))
+                layer.reps[b, :, : r["blocks"]] = reps.to(layer.reps.dtype)
+                layer.lengths[b] = r["length"]
+                sp = r["spilled"]
+                if tiered:
+                    layer.k[b, :, : r["hot"]] = hk
+                    layer.v[b, :, : r["hot"]] = hv
+                    layer.spilled[b] = sp
+                else:  # hot = sinks + tail; the cold blocks go between them
+                    s0 = min(sink, r["length"])
+                    layer.k[b, :, :s0], layer.v[b, :, :s0] = hk[:, :s0], hv[:, :s0]
+                    t0 = sink + sp * S
+                    layer.k[b, :, t0:r["length"]] = hk[:, s0:]
+                    layer.v[b, :, t0:r["length"]] = hv[:, s0:]
+                for j in range(sp):
+                    data = bytes(reader.next())
+                    if tiered and memory.cold.cold_dtype == src_cold:
+                        memory.cold.put_encoded((li, b, j), data)
+                        continue
+                    kb, vb = decode_block(data, src_cold, H, S, D, dtype)
+                    if tiered:
+                        memory.cold.put((li, b, j), kb, vb)
+                    else:
+                        p = sink + j * S
+                        layer.k[b, :, p:p + S], layer.v[b, :, p:p + S] = kb, vb
+                if tiered:
+                    layer.spill(b)  # a memory saved all-in-RAM: move its middle out now
+        for b, d in enumerate(body["embeddings"]):
+            if d != 0:
+                e = reader.tensor("float32", tuple(d))
+                # block embeddings are reused only with the same embedder; otherwise re-embedded lazily
+                if memory.text_index is not None and body["config"].get("embedder") == cfg.embedder:
+                    memory.text_index.rows[b] = e.clone()
+    finally:
+        reader.close()
+    memory.seen = body["seen"]
+    memory.hidden_prefix = body["hidden_prefix"]
+    memory.n_new = torch.zeros(B, dtype=torch.long)
+    state.last_memory = memory
+    return memory

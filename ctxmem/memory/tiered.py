@@ -1,0 +1,191 @@
+"""Bounded-RAM working memory: the live tail in RAM, retrieved blocks from the cold store.
+
+``TieredMemoryLayer`` replaces ``BlockMemoryLayer`` when ``MemoryConfig.ram_budget`` is set.
+Per row it keeps in RAM only the sinks and the *tail*: positions from the first block that can
+still fall in a query's local window up to the newest token (at most local + 2 blocks + one
+chunk). A block leaves the tail for the ``ColdBlockStore`` the moment it becomes a middle block
+(``row_layout``'s ``nmid``), i.e. once only retrieval can reach it. Representative keys stay in
+RAM, so scoring never touches the disk.
+
+The fused op is unchanged. For each call we score the blocks against the chunk's queries (the
+op's own rule: ``block_scores_ref`` + ``select_topk``), take the union ``U`` over KV heads of the
+chosen blocks, and hand the op a *compact* store: sinks | the blocks of U | the tail. The op,
+scoring only U, picks the same blocks per head. The compact store is ``delta = (nmid - |U|) * S``
+slots shorter than the full one, so its keys are pre-rotated to keep every query-key distance
+exactly what the full store would give (rotations compose; see ``ops/rope.py``):
+sinks by +delta, block j placed at compact slot i by (i - j) * S + delta, the tail not at all
+(its slots are shifted by delta, and so are the queries' positions).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import OpParams, block_scores_ref, row_layout, select_topk
+from ..ops.rope import rerotate
+from .block_store import BlockMemoryLayer
+
+
+class TieredMemoryLayer(BlockMemoryLayer):
+    def __init__(self, owner, layer_idx: int):
+        super().__init__(owner)
+        self.layer_idx = layer_idx
+        self.spilled = torch.zeros(0, dtype=torch.long)  # blocks of each row now in the cold store
+
+    def reset(self) -> None:
+        self.__init__(self.owner, self.layer_idx)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.spilled = torch.zeros(key_states.shape[0], dtype=torch.long)
+        self.reps = self.reps.to(self.owner.reps_dtype(key_states.dtype))
+        self.owner.cold_store(key_states.shape[1], key_states.shape[3], key_states.dtype)
+
+    # -- layout ------------------------------------------------------------------------------
+    def _params(self) -> OpParams:
+        c = self.owner.cfg
+        return OpParams(c.block_size, c.topk_blocks, c.sink_tokens, c.local_tokens, 1.0)
+
+    def hot_len(self, b: int) -> int:
+        """Slots row b uses in RAM: positions [0, L) minus the spilled blocks."""
+        return int(self.lengths[b]) - int(self.spilled[b]) * self.owner.cfg.block_size
+
+    def hot_slot(self, b: int, pos: int) -> int:
+        cfg = self.owner.cfg
+        return pos if pos < cfg.sink_tokens else pos - int(self.spilled[b]) * cfg.block_size
+
+    def _grow_hot(self, need: int) -> None:
+        cap = self.k.shape[2]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap, 256)
+        B, H, _, D = self.k.shape
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            buf = old.new_zeros(B, H, new_cap, D)
+            buf[:, :, :cap] = old
+            setattr(self, name, buf)
+
+    def _grow_reps(self, nblocks: int) -> None:
+        have = self.reps.shape[2]
+        if nblocks <= have:
+            return
+        old = self.reps
+        buf = old.new_zeros(old.shape[0], old.shape[1], max(nblocks, 2 * have, 16), old.shape[3], old.shape[4])
+        buf[:, :, :have] = old
+        self.reps = buf
+
+    def spill(self, b: int) -> None:
+        """Move row b's blocks that became middle blocks (for a chunk starting now) to the cold store."""
+        S, sink = self.owner.cfg.block_size, self.owner.cfg.sink_tokens
+        L = int(self.lengths[b])
+        nmid, done = row_layout(L, self._params()).nmid, int(self.spilled[b])
+        if nmid <= done:
+            return
+        cold = self.owner.cold
+        for j in range(done, nmid):
+            s = sink + (j - done) * S
+            cold.put((self.layer_idx, b, j), self.k[b, :, s:s + S], self.v[b, :, s:s + S])
+        m, rest = (nmid - done) * S, L - sink - nmid * S
+        for x in (self.k, self.v):  # shift the tail left over the spilled blocks (bounded copy)
+            x[b, :, sink:sink + rest] = x[b, :, sink + m:sink + m + rest].clone()
+        self.spilled[b] = nmid
+
+    # -- the Cache layer interface -------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        cfg = self.owner.cfg
+        S, R, sink = cfg.block_size, cfg.reps_per_block, cfg.sink_tokens
+        n_new = self.owner.n_new
+        C = key_states.shape[2]
+        for b in range(key_states.shape[0]):
+            n = int(n_new[b])
+            if n == 0:
+                continue
+            self.spill(b)
+            L, h = int(self.lengths[b]), self.hot_len(b)
+            j0 = max(0, (L - sink) // S)
+            self._grow_hot(h + n)
+            self.k[b, :, h:h + n] = key_states[b, :, C - n:]
+            self.v[b, :, h:h + n] = value_states[b, :, C - n:]
+            L += n
+            self.lengths[b] = L
+            done = max(0, (L - sink) // S)
+            if done > j0:
+                self._grow_reps(done)
+                s0 = self.hot_slot(b, sink + j0 * S)
+                blk = self.k[b, :, s0:s0 + (done - j0) * S]
+                H, _, D = blk.shape
+                self.reps[b, :, j0:done] = blk.reshape(H, done - j0, R, S // R, D).float().mean(3).to(self.reps.dtype)
+        return key_states, value_states
+
+    def op_inputs(self, query: torch.Tensor, params: OpParams, bias: torch.Tensor | None):
+        """The compact store the op reads for this chunk (see the module docstring).
+
+        Returns (k, v, reps, lengths, bias, blocks) where ``blocks[b]`` maps the compact store's
+        block indices back to the row's true block indices.
+        """
+        n_new = self.owner.n_new
+        B, Hq, C, D = query.shape
+        H, S = self.k.shape[1], params.block_size
+        G = Hq // H
+        cold, inv_freq = self.owner.cold, self.owner.inv_freq.to(query.device)
+        rows = []
+        for b in range(B):
+            n, L = int(n_new[b]), int(self.lengths[b])
+            if n == 0:
+                rows.append(None)
+                continue
+            lay = row_layout(L - n, params)
+            assert int(self.spilled[b]) == lay.nmid, "tail and layout disagree (spill not run?)"
+            if lay.nmid == 0:
+                U = torch.zeros(0, dtype=torch.long)
+            elif lay.nsel == lay.nmid:
+                U = torch.arange(lay.nmid)
+            else:
+                qbar = query[b, :, C - n:].reshape(H, G, n, D).float().mean(dim=(1, 2))
+                scores = block_scores_ref(qbar, self.reps[b, :, : lay.nmid], params.scaling,
+                                          None if bias is None else bias[b, : lay.nmid])
+                U = torch.unique(select_topk(scores, lay.nsel).cpu())
+            u = int(U.numel())
+            delta = (lay.nmid - u) * S
+            parts_k, parts_v = [], []
+            sk, sv = self.k[b, :, : lay.s_end], self.v[b, :, : lay.s_end]
+            if delta and lay.s_end:
+                sk = rerotate(sk, torch.full((lay.s_end,), delta, device=sk.device), inv_freq)
+            parts_k.append(sk)
+            parts_v.append(sv)
+            for i, j in enumerate(U.tolist()):
+                kb, vb = cold.get((self.layer_idx, b, j))
+                shift = (i - j) * S + delta
+                if shift:
+                    kb = rerotate(kb, torch.full((S,), shift), inv_freq)
+                parts_k.append(kb.to(query.device))
+                parts_v.append(vb.to(query.device))
+            t0 = self.hot_slot(b, lay.local_start) if lay.nmid else lay.s_end
+            parts_k.append(self.k[b, :, t0:self.hot_len(b)])
+            parts_v.append(self.v[b, :, t0:self.hot_len(b)])
+            rows.append((torch.cat(parts_k, 1), torch.cat(parts_v, 1), U))
+        Lc = max([r[0].shape[1] for r in rows if r is not None] + [1])
+        nu = max([int(r[2].numel()) for r in rows if r is not None] + [1])
+        R = self.reps.shape[3]
+        k = self.k.new_zeros(B, H, Lc, D)
+        v = self.v.new_zeros(B, H, Lc, D)
+        reps = self.k.new_zeros(B, H, nu, R, D)
+        lengths = torch.zeros(B, dtype=torch.long)
+        cbias = None if bias is None else bias.new_zeros(B, nu)
+        blocks = []
+        for b, r in enumerate(rows):
+            if r is None:
+                blocks.append(None)
+                continue
+            kc, vc, U = r
+            k[b, :, : kc.shape[1]] = kc
+            v[b, :, : vc.shape[1]] = vc
+            lengths[b] = kc.shape[1]
+            if U.numel():
+                reps[b, :, : U.numel()] = self.reps[b][:, U].to(k.dtype)
+                if cbias is not None:
+                    cbias[b, : U.numel()] = bias[b, U]
+            blocks.append(U)
+        return k, v, reps, lengths, cbias, blocks
