@@ -48,6 +48,9 @@ def encode_block(k: torch.Tensor, v: torch.Tensor, cold_dtype: str) -> bytes:
             parts.append(q.numpy().tobytes())
             scales.append(scale.numpy().astype("<f4").tobytes())
         else:
+            if cold_dtype == "fp16" and bool((x.abs() > 65504).any()):  # would silently become inf
+                raise ValueError("ctxmem cold store: a KV value exceeds the fp16 range (65504); "
+                                 "use MemoryConfig(cold_dtype='int8' or 'fp32')")
             parts.append(x.numpy().astype(_NP[cold_dtype]).tobytes())
     return b"".join(parts + scales)
 

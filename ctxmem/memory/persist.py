@@ -87,6 +87,8 @@ class _Writer:
         self.f, self.segments, self.offset = f, [], 0
 
     def put(self, data) -> None:
+        if isinstance(data, np.ndarray):  # a flat byte view, no copy (and no trouble with 0-size shapes)
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         mv = memoryview(data).cast("B")
         self.f.write(mv)
         self.segments.append([self.offset, mv.nbytes, zlib.crc32(mv)])
@@ -256,12 +258,16 @@ def _check_body(mpath, body: dict) -> None:
 
 
 class _Reader:
-    def __init__(self, path: Path, segments: list):
+    def __init__(self, path: Path, segments: list, nbytes: int):
         self.path, self.segments, self.i = path, segments, 0
         try:
             self.f = open(path, "rb")
         except OSError as e:
             raise MemoryFormatError(path, f"cannot open the data file ({e.strerror or e})") from None
+        size = os.fstat(self.f.fileno()).st_size
+        if size != nbytes:
+            self.f.close()
+            raise MemoryFormatError(path, f"is {size} bytes, the manifest says {nbytes} (truncated or appended to)")
 
     def next(self) -> bytearray:
         off, n, crc = self.segments[self.i]
@@ -313,7 +319,7 @@ def load_memory(model, path: str | os.PathLike) -> MemoryCache:
     B, H, D, R = len(rows), body["kv_heads"], body["head_dim"], body["reps_per_block"]
     S, sink = cfg.block_size, cfg.sink_tokens
     dtype = _DTYPES[body["dtype"]][0]
-    reader = _Reader(path / body["data"]["name"], body["segments"])
+    reader = _Reader(path / body["data"]["name"], body["segments"], body["data"]["bytes"])
     try:
         memory.token_ids = [np.frombuffer(reader.next(), dtype="<i4").tolist() for _ in range(B)]
         if [len(t) for t in memory.token_ids] != [r["length"] for r in rows]:
@@ -361,8 +367,7 @@ def load_memory(model, path: str | os.PathLike) -> MemoryCache:
                     else:
                         p = sink + j * S
                         layer.k[b, :, p:p + S], layer.v[b, :, p:p + S] = kb, vb
-                if tiered:
-                    layer.spill(b)  # a memory saved all-in-RAM: move its middle out now
+                # (a memory saved all-in-RAM and loaded tiered spills its middle at the next update)
         for b, d in enumerate(body["embeddings"]):
             if d != 0:
                 e = reader.tensor("float32", tuple(d))

@@ -1,0 +1,153 @@
+"""The bounded-RAM tier: cold-store encodings, the LRU bound, and tiered == all-in-RAM."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ctxmem
+from ctxmem import MemoryConfig
+from ctxmem.memory.cold_store import ColdBlockStore, decode_block, encode_block, encoded_nbytes
+from conftest import tiny_model
+
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@given(H=st.integers(1, 4), S=st.sampled_from([4, 8, 16]), D=st.sampled_from([8, 16]),
+       scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_encodings_round_trip_within_their_bounds(H, S, D, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(H, S, D, generator=g) * scale
+    v = torch.randn(H, S, D, generator=g) * scale
+    k[0, :, 0] *= 50  # an outlier channel, as real keys have
+    for cold in ("fp32", "fp16", "int8"):
+        if cold == "fp16" and float(max(k.abs().max(), v.abs().max())) > 65504:
+            with pytest.raises(ValueError, match="fp16 range"):
+                encode_block(k, v, cold)
+            continue
+        data = encode_block(k, v, cold)
+        assert len(data) == encoded_nbytes(cold, H, S, D)
+        k2, v2 = decode_block(data, cold, H, S, D, torch.float32)
+        for x, y in ((k, k2), (v, v2)):
+            if cold == "fp32":
+                assert torch.equal(x, y)
+            elif cold == "fp16":
+                assert torch.allclose(x, y, rtol=1e-3, atol=6e-8)  # 6e-8: fp16 subnormal spacing
+            else:  # per (head, channel) absmax scale: error at most half a step
+                step = x.abs().amax(dim=1, keepdim=True) / 127
+                assert bool(((x - y).abs() <= step / 2 + 1e-6 * step + 1e-30).all())
+        # decoding is canonical: re-encoding the decoded block gives a block that decodes the same
+        k3, v3 = decode_block(encode_block(k2, v2, cold), cold, H, S, D, torch.float32)
+        assert torch.allclose(k3, k2, rtol=1e-6, atol=1e-6 * scale) and torch.allclose(v3, v2, rtol=1e-6, atol=1e-6 * scale)
+
+
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 30)), min_size=1, max_size=80),
+       budget_blocks=st.integers(0, 6), cold=st.sampled_from(["fp32", "fp16", "int8"]))
+@settings(max_examples=40, deadline=None)
+def test_lru_stays_in_budget_and_never_loses_a_block(ops, budget_blocks, cold, tmp_path_factory):
+    H, S, D = 2, 4, 8
+    probe = ColdBlockStore(H, S, D, torch.float32, cold, 0)
+    per = probe.block_ram + probe.rec_bytes  # the most one block can hold in RAM
+    store = ColdBlockStore(H, S, D, torch.float32, cold, budget_blocks * per,
+                           directory=str(tmp_path_factory.mktemp("cold")))
+    want = {}
+    for is_put, j in ops:
+        if is_put and j not in want:
+            k = torch.randn(H, S, D)
+            v = torch.randn(H, S, D)
+            store.put((0, 0, j), k, v)
+            want[j] = decode_block(encode_block(k, v, cold), cold, H, S, D, torch.float32)
+        elif want:
+            key = sorted(want)[j % len(want)]
+            k, v = store.get((0, 0, key))
+            assert torch.equal(k, want[key][0]) and torch.equal(v, want[key][1])
+        # over budget only by the one block a get must hand back
+        assert store.ram_bytes <= max(budget_blocks * per, per)
+    for j, (k, v) in want.items():
+        k2, v2 = store.get((0, 0, j))
+        assert torch.equal(k2, k) and torch.equal(v2, v)
+    assert len(store) == len(want)
+    with pytest.raises(KeyError):
+        store.put((0, 0, next(iter(want))), torch.zeros(H, S, D), torch.zeros(H, S, D)) if want else store.get((9, 9, 9))
+
+
+def _logits(model, ids, mask, cfg):
+    ctxmem.wrap(model, cfg)
+    try:
+        out = model(ids, attention_mask=mask)
+    finally:
+        ctxmem.unwrap(model)
+    return out.logits, out.cache
+
+
+@given(family=st.sampled_from(["llama", "qwen2", "mistral"]), kv=st.sampled_from([1, 2, 4]),
+       S=st.sampled_from([8, 16]), topk=st.integers(1, 4), local=st.integers(8, 40), chunk=st.integers(8, 64),
+       length=st.integers(40, 400), pad=st.integers(0, 30), budget=st.sampled_from([0, 3000, 10**9]),
+       seed=st.integers(0, 1000))
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_tiered_equals_all_in_ram(family, kv, S, topk, local, chunk, length, pad, budget, seed):
+    """With exact (fp32) cold blocks the bounded store gives the all-in-RAM logits, whatever the
+    budget (0 = every retrieved block comes back from disk)."""
+    model = tiny_model(family, seed=seed, kv_heads=kv)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    base = dict(block_size=S, topk_blocks=topk, sink_tokens=S, local_tokens=local, prefill_chunk=chunk,
+                selector="keys", backend="torch")
+    a, _ = _logits(model, ids, mask, MemoryConfig(**base))
+    b, cache = _logits(model, ids, mask, MemoryConfig(**base, ram_budget=budget, cold_dtype="fp32"))
+    real = mask.bool()
+    assert torch.allclose(a[real], b[real], atol=2e-5, rtol=1e-4), (a[real] - b[real]).abs().max()
+    # the RAM tail is bounded by the layout, not by the context
+    for layer in cache.layers:
+        assert layer.k.shape[2] <= max(256, 2 * (S + local + S + chunk + S))
+    assert cache.cold.ram_bytes <= max(budget, cache.cold.block_ram + cache.cold.rec_bytes)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_tiered_generate_matches_and_selections_map_back(backend):
+    model = tiny_model("qwen2", seed=3)
+    ids = torch.randint(1, 97, (2, 800), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :111] = 0
+    base = dict(block_size=16, topk_blocks=3, sink_tokens=8, local_tokens=32, prefill_chunk=48, selector="keys",
+                backend=backend)
+    outs, sels = [], []
+    for extra in ({}, {"ram_budget": "20KB", "cold_dtype": "fp32"}):
+        ctxmem.wrap(model, MemoryConfig(**base, **extra))
+        cache = ctxmem.new_cache(model)
+        cache.record_selection = True
+        outs.append(model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=12, do_sample=False,
+                                   pad_token_id=0))
+        sels.append({k: v.clone() for k, v in cache.last_selection.items()})
+        ctxmem.unwrap(model)
+    assert torch.equal(outs[0], outs[1])
+    assert sels[0].keys() == sels[1].keys()
+    for li in sels[0]:
+        assert torch.equal(sels[0][li], sels[1][li]), li
+
+
+def test_lossy_cold_dtypes_stay_close():
+    """fp16 and int8 change the logits a little, never wildly (the real-model cost is in README)."""
+    model = tiny_model("llama", seed=1)
+    ids = torch.randint(0, 97, (1, 900), generator=torch.Generator().manual_seed(1))
+    base = dict(block_size=16, topk_blocks=3, sink_tokens=8, local_tokens=32, prefill_chunk=48, selector="keys")
+    ref, _ = _logits(model, ids, None, MemoryConfig(**base))
+    err = {}
+    for cold in ("fp16", "int8"):
+        got, _ = _logits(model, ids, None, MemoryConfig(**base, ram_budget=0, cold_dtype=cold))
+        err[cold] = float((got - ref).abs().max() / ref.abs().max())
+    assert err["fp16"] < 1e-3 and err["int8"] < 3e-2 and err["fp16"] <= err["int8"], err
+
+
+def test_budget_strings_and_errors():
+    assert MemoryConfig(ram_budget="1.5GiB").ram_budget_bytes == int(1.5 * 2**30)
+    assert MemoryConfig(ram_budget=512).ram_budget_bytes == 512
+    for bad in ("lots", "-1MB", 1.5, True):
+        with pytest.raises(ValueError, match="ram_budget"):
+            MemoryConfig(ram_budget=bad)
+    with pytest.raises(ValueError, match="cold_dtype"):
+        MemoryConfig(ram_budget=0, cold_dtype="fp8")
+    assert np.dtype("<f2").itemsize == 2
