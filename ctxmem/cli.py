@@ -1,4 +1,4 @@
-"""The `ctxmem` command line: ask (the main job), index (the knowledge index)."""
+"""The `ctxmem` command line: ask (the main job), index (the knowledge index), compressor."""
 from __future__ import annotations
 
 import argparse
@@ -35,8 +35,10 @@ def cmd_ask(args) -> int:
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     context = read_text_file(args.context) if args.context else ""
-    if not context and not args.knowledge:
-        raise ValueError("give --context FILE and/or --knowledge KB")
+    if not context and not args.knowledge and not args.memory:
+        raise ValueError("give --context FILE, --memory PATH and/or --knowledge KB")
+    if args.memory and args.stock:
+        raise ValueError("--memory needs ctxmem (drop --stock)")
     model, tok = load_model(args.model)
     knowledge_text = None
     if args.knowledge:
@@ -45,28 +47,83 @@ def cmd_ask(args) -> int:
 
         kb = KnowledgeIndex.open(args.knowledge)
         knowledge_text = knowledge_context(kb, args.question, tok, budget_tokens=args.knowledge_budget)
-    ids = build_prompt(tok, context, args.question, knowledge_text)
+    overrides = _parse_overrides(args.set)
+    if args.ram_budget is not None:
+        overrides["ram_budget"] = args.ram_budget
     if not args.stock:
-        wrap(model, MemoryConfig(**_parse_overrides(args.set)), tokenizer=tok, progress=not args.json)
+        wrap(model, MemoryConfig(**overrides), tokenizer=tok, progress=not args.json)
     t_load = time.perf_counter() - t0
-    input_ids = torch.tensor([ids])
     t1 = time.perf_counter()
-    out = model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    memory_report = None
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False,
+               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    if args.memory:
+        ids, memory, memory_report = _memory_for(args, model, tok, context, knowledge_text)
+        out = model.generate(torch.tensor([ids]), cache=memory, **gen)
+    else:
+        ids = build_prompt(tok, context, args.question, knowledge_text)
+        out = model.generate(torch.tensor([ids]), **gen)
     t_answer = time.perf_counter() - t1
     answer = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
     peak = _peak_rss_mb()
     report = {"answer": answer, "context_tokens": len(ids), "seconds_answer": round(t_answer, 2),
               "seconds_load": round(t_load, 2), "tokens_per_second_read": round(len(ids) / t_answer, 1),
               "peak_rss_mb": round(peak), "mode": "stock" if args.stock else "ctxmem"}
+    if memory_report:
+        report["memory"] = memory_report
     if args.json:
         print(json.dumps(report))
     else:
         print(answer)
+        mem = f" · memory {memory_report['action']} ({memory_report['seconds']:.1f} s)" if memory_report else ""
         print(f"-- {len(ids):,} context tokens · answered in {t_answer:.1f} s "
-              f"({report['tokens_per_second_read']:,.0f} tok/s) · peak RSS {peak:,.0f} MB · {report['mode']}",
+              f"({report['tokens_per_second_read']:,.0f} tok/s) · peak RSS {peak:,.0f} MB · {report['mode']}{mem}",
               file=sys.stderr)
     return 0
+
+
+def _memory_for(args, model, tok, context: str, knowledge_text: str | None):
+    """``--memory PATH``: load the document's saved memory, or read the document and save it there.
+
+    The memory is keyed by the document's sha256 (kept in the memory's manifest): a changed
+    document is read again and the memory replaced (atomically).
+    """
+    import hashlib
+    from pathlib import Path
+
+    import torch
+
+    from . import load_memory, read_memory, save_memory
+    from .memory.persist import MANIFEST, read_manifest
+    from .reading import build_prompt_parts
+
+    path = Path(args.memory)
+    t = time.perf_counter()
+    digest = hashlib.sha256(context.encode()).hexdigest() if context else None
+    from .memory import MemoryMismatchError
+
+    saved = read_manifest(path) if (path / MANIFEST).exists() else None
+    memory = None
+    if saved is not None and (digest is None or saved["meta"].get("source_sha256") == digest):
+        try:
+            memory = load_memory(model, path)
+        except MemoryMismatchError:
+            if not context:
+                raise
+            # another model or block layout made it: read the document again below
+    if memory is not None:
+        prefix = memory.token_ids[0]
+        _, suffix = build_prompt_parts(tok, "", args.question, knowledge_text)
+        action = "loaded"
+    elif context:
+        prefix, suffix = build_prompt_parts(tok, context, args.question, knowledge_text)
+        memory = read_memory(model, torch.tensor([prefix]))
+        save_memory(model, path, memory, meta={"source_sha256": digest, "source_name": Path(args.context).name})
+        action = "read and saved"
+    else:
+        raise ValueError(f"no memory at {path}; give --context FILE to read one and save it there")
+    return prefix + suffix, memory, {"path": str(path), "action": action, "seconds": round(time.perf_counter() - t, 2),
+                                     "tokens": len(prefix)}
 
 
 def _peak_rss_mb() -> float:
@@ -86,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--knowledge-budget", type=int, default=1024, help="tokens of retrieved notes (default 1024)")
     ask.add_argument("--model", default="smollm2", help="bundled name or HF id/path (default: smollm2)")
     ask.add_argument("--max-new-tokens", type=int, default=48)
+    ask.add_argument("--memory", metavar="PATH",
+                     help="saved memory of the document: loaded if it exists (no re-reading), else the "
+                          "--context is read once and saved there")
+    ask.add_argument("--ram-budget", metavar="SIZE",
+                     help="keep at most SIZE (e.g. 1GB) of KV blocks in RAM; colder blocks go to disk")
     ask.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a MemoryConfig field")
     ask.add_argument("--stock", action="store_true", help="run the unwrapped model (for comparison)")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
@@ -97,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_index_parser = None
     if add_index_parser is not None:
         add_index_parser(sub)
+    try:
+        from .compress.cli import add_compressor_parser
+    except ImportError:  # the compressor tier is optional at import time
+        add_compressor_parser = None
+    if add_compressor_parser is not None:
+        add_compressor_parser(sub)
     return p
 
 

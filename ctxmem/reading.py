@@ -37,3 +37,28 @@ def build_prompt(tok, context: str, question: str, knowledge: str | None = None)
         return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"])
     return tok(messages[0]["content"] + "\nAnswer:", add_special_tokens=True)["input_ids"]
+
+
+_QUESTION_HEAD = "Answer the question using the text above."
+
+
+def build_prompt_parts(tok, context: str, question: str, knowledge: str | None = None) -> tuple[list[int], list[int]]:
+    """The prompt split where a saved memory ends: (document part, question part).
+
+    The document part depends only on the document, so it can be read once, saved, and followed by
+    any question later; knowledge notes (they depend on the question) go in the question part.
+    The parts are tokenized separately and always used together, reading and answering alike.
+    """
+    parts = [f"Document:\n{context}\n"]
+    if knowledge:
+        parts.append(f"Relevant notes:\n{knowledge}\n")
+    parts.append(f"{_QUESTION_HEAD}\nQuestion: {question}")
+    content = "\n".join(parts)
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                       tokenize=False)
+    else:
+        text = (tok.bos_token or "") + content + "\nAnswer:"
+    cut = text.index(f"Document:\n{context}\n") + len(f"Document:\n{context}\n") + 1
+    enc = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return enc(text[:cut]), enc(text[cut:])

@@ -149,23 +149,28 @@ class TieredMemoryLayer(BlockMemoryLayer):
                 U = torch.unique(select_topk(scores, lay.nsel).cpu())
             u = int(U.numel())
             delta = (lay.nmid - u) * S
-            parts_k, parts_v = [], []
-            sk, sv = self.k[b, :, : lay.s_end], self.v[b, :, : lay.s_end]
-            if delta and lay.s_end:
-                sk = rerotate(sk, torch.full((lay.s_end,), delta, device=sk.device), inv_freq)
-            parts_k.append(sk)
-            parts_v.append(sv)
+            # sinks, then the retrieved blocks, re-rotated in one call (one delta per key)
+            parts_k, parts_v = [self.k[b, :, : lay.s_end]], [self.v[b, :, : lay.s_end]]
+            shifts = [torch.full((lay.s_end,), delta, dtype=torch.long)]
             for i, j in enumerate(U.tolist()):
                 kb, vb = cold.get((self.layer_idx, b, j))
-                shift = (i - j) * S + delta
-                if shift:
-                    kb = rerotate(kb, torch.full((S,), shift), inv_freq)
                 parts_k.append(kb.to(query.device))
                 parts_v.append(vb.to(query.device))
+                shifts.append(torch.full((S,), (i - j) * S + delta, dtype=torch.long))
+            head_k = torch.cat(parts_k, 1)
+            shift = torch.cat(shifts)
+            if bool((shift != 0).any()):
+                head_k = rerotate(head_k, shift.to(head_k.device), inv_freq)
+            parts_k, parts_v = [head_k], [torch.cat(parts_v, 1)]
             t0 = self.hot_slot(b, lay.local_start) if lay.nmid else lay.s_end
             parts_k.append(self.k[b, :, t0:self.hot_len(b)])
             parts_v.append(self.v[b, :, t0:self.hot_len(b)])
             rows.append((torch.cat(parts_k, 1), torch.cat(parts_v, 1), U))
+        if B == 1 and rows[0] is not None:  # the common case: no padding copy
+            kc, vc, U = rows[0]
+            reps = self.reps[:, :, U].to(kc.dtype) if U.numel() else self.k.new_zeros(1, H, 1, self.reps.shape[3], D)
+            cbias = None if bias is None else (bias[:, U] if U.numel() else bias.new_zeros(1, 1))
+            return kc[None], vc[None], reps, torch.tensor([kc.shape[1]]), cbias, [U]
         Lc = max([r[0].shape[1] for r in rows if r is not None] + [1])
         nu = max([int(r[2].numel()) for r in rows if r is not None] + [1])
         R = self.reps.shape[3]

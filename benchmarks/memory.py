@@ -1,0 +1,185 @@
+"""Memory that lasts: peak RSS vs context length, save/load reuse, and the cost of cold dtypes.
+
+Every measurement runs in a fresh child process (so ``ru_maxrss`` is that run's own peak) on a
+passkey haystack; the parent collects the children's JSON lines into
+benchmarks/results/memory.json and memory_rss.png.
+
+    python -m benchmarks.memory rss --lengths 32768,131072     # peak RSS, all-in-RAM vs tiered
+    python -m benchmarks.memory reuse --tokens 32768           # load_memory + answer vs read again
+    python -m benchmarks.memory dtypes --tokens 16384          # fp32 / fp16 / int8 cold blocks
+    python -m benchmarks.memory all                            # the three above (README's numbers)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, machine, write_json
+
+SUFFIX = 32  # the question's tokens: the memory holds everything before them
+
+
+def _child(spec: dict) -> dict:
+    """Run one measurement in a fresh process; returns its JSON report."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "child", json.dumps(spec)],
+                         capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"child {spec} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    rep = json.loads(lines[-1])
+    print(json.dumps(rep), flush=True)
+    return rep
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    import ctxmem
+    from benchmarks.common import found, passkey_key, passkey_prompt, peak_rss_mb, current_rss_mb
+
+    torch.set_grad_enabled(False)
+    model, tok = ctxmem.load_model("smollm2")
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**spec.get("config", {})), tokenizer=tok)
+    rss_ready = current_rss_mb()
+    n, depth = spec["tokens"], spec.get("depth", 0.5)
+    key = passkey_key(n + int(depth * 100))
+    ids = passkey_prompt(tok, "filler", n, depth, key)
+    prefix = ids[:, :-SUFFIX]
+    rep = {"task": spec["task"], "tokens": int(ids.shape[1]), "config": spec.get("config", {}),
+           "weights_mb": round(weights_mb), "rss_after_load_mb": round(rss_ready)}
+    t0 = time.perf_counter()
+    if spec["task"] == "load":
+        memory = ctxmem.load_memory(model, spec["path"])
+        if memory.token_ids[0] != prefix[0].tolist():
+            raise RuntimeError("the loaded memory holds other tokens than this prompt's document")
+        rep["seconds_load"] = round(time.perf_counter() - t0, 2)
+    else:
+        memory = ctxmem.read_memory(model, prefix)
+        rep["seconds_read"] = round(time.perf_counter() - t0, 2)
+        if spec.get("save"):
+            t1 = time.perf_counter()
+            ctxmem.save_memory(model, spec["save"], memory)
+            rep["seconds_save"] = round(time.perf_counter() - t1, 2)
+            rep["saved_mb"] = round(sum(p.stat().st_size for p in Path(spec["save"]).iterdir()) / 2**20)
+    if spec["task"] == "ppl":
+        rep.update(_ppl(model, tok, memory, spec))
+    else:
+        t2 = time.perf_counter()
+        out = model.generate(ids, cache=memory, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+        rep["seconds_answer"] = round(time.perf_counter() - t2, 2)
+        rep["answer"] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        rep["found"] = found(rep["answer"], key)
+    rep["seconds_total"] = round(time.perf_counter() - t0, 2)
+    rep["peak_rss_mb"] = round(peak_rss_mb())
+    if memory.cold is not None:
+        rep["cold"] = dict(memory.cold.stats, blocks=len(memory.cold), ram_mb=round(memory.cold.ram_bytes / 2**20))
+    return rep
+
+
+def _ppl(model, tok, memory, spec) -> dict:
+    """Mean next-token NLL on real text that follows the (filler) document: the stored blocks'
+    precision is what differs between the runs, so differences here are the dtype's cost."""
+    import torch
+
+    from benchmarks.common import real_text
+
+    text_ids = tok(real_text(), add_special_tokens=False)["input_ids"][: spec.get("eval_tokens", 1024) + 1]
+    x = torch.tensor([text_ids])
+    nll, count = 0.0, 0
+    for s in range(0, x.shape[1] - 1, 128):
+        chunk = x[:, s:s + 128]
+        tgt = x[:, s + 1:s + 129]
+        out = model(chunk[:, : tgt.shape[1]], cache=memory)
+        logp = torch.log_softmax(out.logits.float(), -1)
+        nll -= float(logp.gather(-1, tgt[..., None]).sum())
+        count += tgt.shape[1]  # the memory grows as it reads: later chunks see the earlier ones
+    return {"nll": round(nll / count, 5), "eval_tokens": count}
+
+
+def run_rss(lengths: list[int], budget: str) -> list[dict]:
+    rows = []
+    for n in lengths:
+        if n <= 65536:  # all-in-RAM beyond 64K would need many GB here: that is the point
+            rows.append(_child({"task": "read", "tokens": n, "config": {}}))
+        rows.append(_child({"task": "read", "tokens": n, "config": {"ram_budget": budget, "cold_dtype": "fp16"}}))
+    return rows
+
+
+def run_reuse(n: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ctxmem-bench-") as d:
+        first = _child({"task": "read", "tokens": n, "config": {}, "save": f"{d}/mem"})
+        again = _child({"task": "read", "tokens": n, "config": {}})
+        loaded = _child({"task": "load", "tokens": n, "config": {}, "path": f"{d}/mem"})
+    return {"first": first, "read_again": again, "load": loaded,
+            "speedup": round(again["seconds_total"] / loaded["seconds_total"], 1),
+            "same_answer": first["answer"] == loaded["answer"] == again["answer"]}
+
+
+def run_dtypes(n: int, depths: list[float]) -> list[dict]:
+    rows = []
+    for cfg in ({}, {"ram_budget": "256MB", "cold_dtype": "fp16"}, {"ram_budget": "256MB", "cold_dtype": "int8"}):
+        rows.append(_child({"task": "ppl", "tokens": n, "config": cfg}))
+        for d in depths:
+            rows.append(_child({"task": "read", "tokens": n, "depth": d, "config": cfg}))
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.get("rss", [])
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pick in (("all in RAM", lambda r: "ram_budget" not in r["config"]),
+                        ("tiered (ram_budget)", lambda r: "ram_budget" in r["config"])):
+        pts = sorted((r["tokens"], r["peak_rss_mb"]) for r in rows if pick(r))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] / 1024 for p in pts], "o-", label=label)
+    w = rows[0]["weights_mb"]
+    ax.axhline((w + 2048) / 1024, color="gray", ls="--", label="target: weights + 2 GB")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("peak RSS (GB)")
+    ax.set_title("SmolLM2-135M, peak RSS while reading and answering")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["rss", "reuse", "dtypes", "all", "child"])
+    ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("--lengths", default="32768,131072")
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--budget", default="1GB", help="ram_budget of the tiered runs")
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    args = ap.parse_args()
+    if args.what == "child":
+        print(json.dumps(child(json.loads(args.spec))), flush=True)
+        return
+    path = RESULTS / "memory.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result["machine"] = machine()
+    if args.what in ("rss", "all"):
+        result["rss"] = run_rss([int(x) for x in args.lengths.split(",")], args.budget)
+    if args.what in ("reuse", "all"):
+        result["reuse"] = run_reuse(args.tokens or 32768)
+    if args.what in ("dtypes", "all"):
+        result["dtypes"] = run_dtypes(args.tokens or 16384, [float(x) for x in args.depths.split(",")])
+    write_json("memory", result)
+    plot(result, RESULTS / "memory_rss.png")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
