@@ -151,3 +151,18 @@ def test_budget_strings_and_errors():
     with pytest.raises(ValueError, match="cold_dtype"):
         MemoryConfig(ram_budget=0, cold_dtype="fp8")
     assert np.dtype("<f2").itemsize == 2
+
+
+@given(u=st.integers(1, 6), n=st.integers(1, 9), half=st.sampled_from([2, 8, 32]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 99))
+@settings(max_examples=30, deadline=None)
+def test_rerotate_blocks_equals_the_per_key_reference(u, n, half, dtype, seed):
+    from ctxmem.ops.rope import rerotate, rerotate_blocks_
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, u, n, 2 * half, generator=g).to(dtype)
+    delta = torch.randint(-5000, 5000, (u,), generator=g)
+    inv = 1.0 / (10000 ** (torch.arange(0, 2 * half, 2).float() / (2 * half)))
+    want = rerotate(x.reshape(3, u * n, 2 * half), delta.repeat_interleave(n), inv).reshape(x.shape)
+    rerotate_blocks_(x, delta, inv)
+    assert torch.equal(x, want)

@@ -87,3 +87,24 @@ def test_cli_ask_with_knowledge(tmp_path, capsys):
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert "green" in report["answer"].lower()
+
+
+def test_cli_ask_memory_reads_once_then_loads(tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The lighthouse keeper's cat is called Marmalade. " + "Waves broke on the rocks all night. " * 120)
+    mem = tmp_path / "doc.mem"
+    args = ["ask", "What is the lighthouse keeper's cat called?", "--json", "--max-new-tokens", "10",
+            "--memory", str(mem), "--ram-budget", "2MB"]
+    assert cli_main(args + ["--context", str(doc)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["memory"]["action"] == "read and saved" and first["memory"]["tokens"] > 800
+    assert cli_main(args) == 0  # no --context: the saved memory answers
+    second = json.loads(capsys.readouterr().out)
+    assert second["memory"]["action"] == "loaded"
+    assert second["answer"] == first["answer"] and "Marmalade" in first["answer"]
+    doc.write_text("The lighthouse keeper's cat is called Biscuit. " + "Waves broke on the rocks all night. " * 120)
+    assert cli_main(args + ["--context", str(doc)]) == 0  # the document changed: read again
+    third = json.loads(capsys.readouterr().out)
+    assert third["memory"]["action"] == "read and saved" and "Biscuit" in third["answer"]
+    assert cli_main(["ask", "q", "--memory", str(tmp_path / "none.mem")]) == 2
+    assert "no memory at" in capsys.readouterr().err

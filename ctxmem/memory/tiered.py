@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import OpParams, block_scores_ref, row_layout, select_topk
-from ..ops.rope import rerotate
+from ..ops.rope import rerotate_blocks_
 from .block_store import BlockMemoryLayer
 
 
@@ -149,23 +149,25 @@ class TieredMemoryLayer(BlockMemoryLayer):
                 U = torch.unique(select_topk(scores, lay.nsel).cpu())
             u = int(U.numel())
             delta = (lay.nmid - u) * S
-            # sinks, then the retrieved blocks, re-rotated in one call (one delta per key)
-            parts_k, parts_v = [self.k[b, :, : lay.s_end]], [self.v[b, :, : lay.s_end]]
-            shifts = [torch.full((lay.s_end,), delta, dtype=torch.long)]
-            for i, j in enumerate(U.tolist()):
-                kb, vb = cold.get((self.layer_idx, b, j))
-                parts_k.append(kb.to(query.device))
-                parts_v.append(vb.to(query.device))
-                shifts.append(torch.full((S,), (i - j) * S + delta, dtype=torch.long))
-            head_k = torch.cat(parts_k, 1)
-            shift = torch.cat(shifts)
-            if bool((shift != 0).any()):
-                head_k = rerotate(head_k, shift.to(head_k.device), inv_freq)
-            parts_k, parts_v = [head_k], [torch.cat(parts_v, 1)]
             t0 = self.hot_slot(b, lay.local_start) if lay.nmid else lay.s_end
-            parts_k.append(self.k[b, :, t0:self.hot_len(b)])
-            parts_v.append(self.v[b, :, t0:self.hot_len(b)])
-            rows.append((torch.cat(parts_k, 1), torch.cat(parts_v, 1), U))
+            t1 = self.hot_len(b)
+            s_end, m = lay.s_end, lay.s_end + u * S
+            kc = self.k.new_empty(H, m + t1 - t0, D)
+            vc = self.v.new_empty(H, m + t1 - t0, D)
+            kc[:, :s_end], vc[:, :s_end] = self.k[b, :, :s_end], self.v[b, :, :s_end]
+            kc[:, m:], vc[:, m:] = self.k[b, :, t0:t1], self.v[b, :, t0:t1]
+            kblocks = kc[:, s_end:m].view(H, u, S, D)
+            vblocks = vc[:, s_end:m].view(H, u, S, D)
+            for i, j in enumerate(U.tolist()):
+                kblocks[:, i], vblocks[:, i] = cold.get((self.layer_idx, b, j))
+            # sinks by +delta, block j at compact slot i by (i - j) * S + delta, the tail not at all
+            if delta and s_end:
+                rerotate_blocks_(kc[:, None, :s_end], torch.tensor([delta]), inv_freq)
+            if u:
+                shifts = (torch.arange(u) - U) * S + delta
+                if bool((shifts != 0).any()):
+                    rerotate_blocks_(kblocks, shifts, inv_freq)
+            rows.append((kc, vc, U))
         if B == 1 and rows[0] is not None:  # the common case: no padding copy
             kc, vc, U = rows[0]
             reps = self.reps[:, :, U].to(kc.dtype) if U.numel() else self.k.new_zeros(1, H, 1, self.reps.shape[3], D)
