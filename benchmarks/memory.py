@@ -8,6 +8,7 @@ benchmarks/results/memory.json and memory_rss.png.
     python -m benchmarks.memory reuse --tokens 32768           # load_memory + answer vs read again
     python -m benchmarks.memory dtypes --tokens 16384          # fp32 / fp16 / int8 cold blocks
     python -m benchmarks.memory all                            # the three above (README's numbers)
+    python -m benchmarks.memory store --tokens 1048576         # the store alone at 1M tokens (no model)
 """
 from __future__ import annotations
 
@@ -102,6 +103,58 @@ def _ppl(model, tok, memory, spec) -> dict:
     return {"nll": round(nll / count, 5), "eval_tokens": count}
 
 
+def store_only(n: int, budget: str, cold_dtype: str) -> dict:
+    """The working-memory store of SmolLM2's shape (30 layers x 3 KV heads x 64 dims, fp32) filled
+    with n tokens of synthetic keys/values through the real update/spill/cold path, then decode
+    steps' op inputs built over it: RAM and time of the memory layer itself, without the model's
+    compute (reading 1M tokens through SmolLM2 takes about an hour on these 2 cores)."""
+    import torch
+
+    from benchmarks.common import current_rss_mb, peak_rss_mb
+    from ctxmem import MemoryConfig
+    from ctxmem.memory import MemoryCache
+
+    torch.set_grad_enabled(False)
+    layers, H, D, Hq, C = 30, 3, 64, 9, 128
+    cfg = MemoryConfig(ram_budget=budget, cold_dtype=cold_dtype)
+    inv = 1.0 / (100000 ** (torch.arange(0, D, 2).float() / D))
+    cache = MemoryCache(layers, cfg, inv)
+    g = torch.Generator().manual_seed(0)
+    pool = [(torch.randn(1, H, C, D, generator=g), torch.randn(1, H, C, D, generator=g)) for _ in range(8)]
+    ids = torch.zeros(1, C, dtype=torch.long)
+    valid = torch.ones(1, C, dtype=torch.bool)
+    rss0 = current_rss_mb()
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+    for i, s in enumerate(tqdm(range(0, n, C), desc="store", unit="chunk", mininterval=5)):
+        cache.begin_chunk(ids, valid, question=False)
+        k, v = pool[i % len(pool)]
+        for layer in cache.layers:
+            layer.update(k, v)
+        cache.end_chunk(C)
+    t_fill = time.perf_counter() - t0
+    q = torch.randn(1, Hq, 1, D, generator=g)
+    params = cache.op_params(D ** -0.5)
+    steps = []
+    for _ in range(5):
+        cache.begin_chunk(ids[:, :1], valid[:, :1], question=True)
+        t1 = time.perf_counter()
+        for layer in cache.layers:
+            layer.update(k[:, :, :1], v[:, :, :1])
+            layer.op_inputs(q, params, None)
+        steps.append(time.perf_counter() - t1)
+        cache.end_chunk(1)
+    reps_mb = sum(layer.reps.numel() * layer.reps.element_size() for layer in cache.layers) / 2**20
+    tail_mb = sum(2 * layer.k.numel() * layer.k.element_size() for layer in cache.layers) / 2**20
+    return {"task": "store", "tokens": n, "layers": layers, "config": {"ram_budget": budget, "cold_dtype": cold_dtype},
+            "seconds_fill": round(t_fill, 1), "tokens_per_second_fill": round(n / t_fill),
+            "decode_step_ms_all_layers": round(1000 * sorted(steps)[len(steps) // 2], 1),
+            "rss_before_mb": round(rss0), "rss_after_mb": round(current_rss_mb()), "peak_rss_mb": round(peak_rss_mb()),
+            "reps_mb": round(reps_mb), "tails_mb": round(tail_mb), "cold": dict(cache.cold.stats, blocks=len(cache.cold),
+            ram_mb=round(cache.cold.ram_bytes / 2**20), disk_mb=round(cache.cold.rec_bytes * len(cache.cold._slots) / 2**20)),
+            "all_in_ram_fp32_kv_mb": round(n * layers * 2 * H * D * 4 / 2**20)}
+
+
 def run_rss(lengths: list[int], budget: str) -> list[dict]:
     rows = []
     for n in lengths:
@@ -157,7 +210,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["rss", "reuse", "dtypes", "all", "child"])
+    ap.add_argument("what", choices=["rss", "reuse", "dtypes", "all", "store", "child"])
     ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--tokens", type=int, default=None)
@@ -174,6 +227,10 @@ def main() -> None:
         result["rss"] = run_rss([int(x) for x in args.lengths.split(",")], args.budget)
     if args.what in ("reuse", "all"):
         result["reuse"] = run_reuse(args.tokens or 32768)
+    if args.what == "store":
+        rep = store_only(args.tokens or 2**20, args.budget, "fp16")
+        print(json.dumps(rep), flush=True)
+        result["store"] = rep
     if args.what in ("dtypes", "all"):
         result["dtypes"] = run_dtypes(args.tokens or 16384, [float(x) for x in args.depths.split(",")])
     write_json("memory", result)
