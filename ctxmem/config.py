@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 BACKENDS = ("auto", "torch", "numba", "cuda")
+SELECTORS = ("auto", "embed", "keys")
 COLD_DTYPES = ("fp32", "fp16", "int8")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -23,14 +24,14 @@ def parse_bytes(value) -> int:
             raise ValueError(f"expected a size like 512MB or 2GB, got {value!r}")
         try:
             n = int(float(num) * _UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):  # "x", "nan", "inf"
             raise ValueError(f"expected a size like 512MB or 2GB, got {value!r}") from None
     else:
         raise ValueError(f"expected a size in bytes, got {value!r}")
     if n < 0:
         raise ValueError(f"a size cannot be negative, got {value!r}")
     return n
-SELECTORS = ("auto", "embed", "keys")
+
 
 
 @dataclass

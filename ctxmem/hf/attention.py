@@ -10,11 +10,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-import torch
 
 from ..ops import retrieval_attention
 
