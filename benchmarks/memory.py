@@ -155,23 +155,32 @@ def store_only(n: int, budget: str, cold_dtype: str) -> dict:
             "all_in_ram_fp32_kv_mb": round(n * layers * 2 * H * D * 4 / 2**20)}
 
 
-def run_rss(lengths: list[int], budget: str) -> list[dict]:
+def run_rss(lengths: list[int], budget: str, tiered_only: bool = False) -> list[dict]:
     rows = []
     for n in lengths:
-        if n <= 65536:  # all-in-RAM beyond 64K would need many GB here: that is the point
+        if n <= 65536 and not tiered_only:  # all-in-RAM beyond 64K would need many GB here: that is the point
             rows.append(_child({"task": "read", "tokens": n, "config": {}}))
         rows.append(_child({"task": "read", "tokens": n, "config": {"ram_budget": budget, "cold_dtype": "fp16"}}))
     return rows
 
 
-def run_reuse(n: int) -> dict:
+def run_reuse(n: int, reread: bool = False) -> dict:
+    """Read + save + answer in one process, then load + answer in another. The cost of reading
+    again is the first run's read + answer (the same work, minus the save); ``reread`` measures it
+    in a third process as well."""
     with tempfile.TemporaryDirectory(prefix="ctxmem-bench-") as d:
         first = _child({"task": "read", "tokens": n, "config": {}, "save": f"{d}/mem"})
-        again = _child({"task": "read", "tokens": n, "config": {}})
         loaded = _child({"task": "load", "tokens": n, "config": {}, "path": f"{d}/mem"})
-    return {"first": first, "read_again": again, "load": loaded,
-            "speedup": round(again["seconds_total"] / loaded["seconds_total"], 1),
-            "same_answer": first["answer"] == loaded["answer"] == again["answer"]}
+        again = _child({"task": "read", "tokens": n, "config": {}}) if reread else None
+    return reuse_summary(first, loaded, again)
+
+
+def reuse_summary(first: dict, loaded: dict, again: dict | None = None) -> dict:
+    reread = (again["seconds_read"] + again["seconds_answer"]) if again else (first["seconds_read"] + first["seconds_answer"])
+    reuse = loaded["seconds_load"] + loaded["seconds_answer"]
+    return {"first": first, "load": loaded, "read_again": again, "seconds_reread_and_answer": round(reread, 2),
+            "seconds_load_and_answer": round(reuse, 2), "speedup": round(reread / reuse, 1),
+            "same_answer": first["answer"] == loaded["answer"] and (again is None or again["answer"] == first["answer"])}
 
 
 def run_dtypes(n: int, depths: list[float]) -> list[dict]:
@@ -216,25 +225,29 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--budget", default="1GB", help="ram_budget of the tiered runs")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--tiered-only", action="store_true", help="rss: skip the all-in-RAM runs")
+    ap.add_argument("--reread", action="store_true", help="reuse: also time reading again in a third process")
     args = ap.parse_args()
     if args.what == "child":
         print(json.dumps(child(json.loads(args.spec))), flush=True)
         return
     path = RESULTS / "memory.json"
-    result = json.loads(path.read_text()) if path.exists() else {}
-    result["machine"] = machine()
+    result = {"machine": machine()}
     if args.what in ("rss", "all"):
-        result["rss"] = run_rss([int(x) for x in args.lengths.split(",")], args.budget)
+        result["rss"] = run_rss([int(x) for x in args.lengths.split(",")], args.budget, args.tiered_only)
     if args.what in ("reuse", "all"):
-        result["reuse"] = run_reuse(args.tokens or 32768)
+        result["reuse"] = run_reuse(args.tokens or 32768, args.reread)
     if args.what == "store":
         rep = store_only(args.tokens or 2**20, args.budget, "fp16")
         print(json.dumps(rep), flush=True)
         result["store"] = rep
     if args.what in ("dtypes", "all"):
         result["dtypes"] = run_dtypes(args.tokens or 16384, [float(x) for x in args.depths.split(",")])
-    write_json("memory", result)
-    plot(result, RESULTS / "memory_rss.png")
+    # merge into what other runs wrote (read now, not at start: runs may overlap)
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(result)
+    write_json("memory", merged)
+    plot(merged, RESULTS / "memory_rss.png")
     print(f"wrote {path}")
 
 
