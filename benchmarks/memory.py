@@ -197,22 +197,31 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result.get("rss", [])
-    if not rows:
+    rows = list(result.get("rss", []))
+    if result.get("reuse"):
+        rows.append(result["reuse"]["first"])  # a full all-in-RAM read (and save) too
+    store = result.get("store")
+    if not rows and not store:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pick in (("all in RAM", lambda r: "ram_budget" not in r["config"]),
-                        ("tiered (ram_budget)", lambda r: "ram_budget" in r["config"])):
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, pick in (("SmolLM2, all in RAM", lambda r: "ram_budget" not in r["config"]),
+                        ("SmolLM2, ram_budget", lambda r: "ram_budget" in r["config"])):
         pts = sorted((r["tokens"], r["peak_rss_mb"]) for r in rows if pick(r))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] / 1024 for p in pts], "o-", label=label)
-    w = rows[0]["weights_mb"]
+    if store:
+        ax.plot([store["tokens"]], [store["peak_rss_mb"] / 1024], "s", color="C2",
+                label=f"memory layer alone, ram_budget {store['config']['ram_budget']} (synthetic KV)")
+    xs = [2**k for k in range(12, 21)]
+    ax.plot(xs, [x * 46080 / 2**30 for x in xs], ":", color="gray", label="fp32 KV of SmolLM2 (46 KB/token)")
+    w = (rows or [{"weights_mb": 513}])[0]["weights_mb"]
     ax.axhline((w + 2048) / 1024, color="gray", ls="--", label="target: weights + 2 GB")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("context tokens")
     ax.set_ylabel("peak RSS (GB)")
-    ax.set_title("SmolLM2-135M, peak RSS while reading and answering")
-    ax.legend()
+    ax.set_title("Peak RSS while reading and answering (CPU)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
