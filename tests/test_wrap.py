@@ -155,3 +155,24 @@ def test_bad_inputs_are_refused():
     ctxmem.unwrap(model)
     with pytest.raises(ValueError, match="not wrapped"):
         ctxmem.unwrap(model)
+
+
+def test_finished_memories_are_freed_without_the_cyclic_gc():
+    """A cache must not sit in a reference cycle: GBs of KV would wait for the GC to notice."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    ctxmem.wrap(model, ctxmem.MemoryConfig(block_size=16, topk_blocks=2, sink_tokens=8, local_tokens=16,
+                                           prefill_chunk=32, selector="keys"))
+    refs = []
+    gc.disable()
+    try:
+        for _ in range(3):
+            model.generate(torch.randint(1, 97, (1, 200)), max_new_tokens=2, do_sample=False, pad_token_id=0)
+            refs.append(weakref.ref(model._ctxmem.last_memory))
+        alive = [r() is not None for r in refs]
+    finally:
+        gc.enable()
+        ctxmem.unwrap(model)
+    assert alive == [False, False, True]  # only the latest, kept for save_memory

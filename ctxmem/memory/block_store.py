@@ -10,6 +10,8 @@ that is what ``generate`` slices its inputs by; the op reads the compacted per-r
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -27,7 +29,9 @@ class BlockMemoryLayer(CacheLayerMixin):
 
     def __init__(self, owner: "MemoryCache"):
         super().__init__()
-        self.owner = owner
+        # A weak proxy, not a reference: cache -> layer -> cache would be a cycle, and a cycle
+        # holding GBs of tensors is freed only when the cyclic GC happens to run.
+        self.owner = owner if isinstance(owner, weakref.ProxyType) else weakref.proxy(owner)
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.reps: torch.Tensor | None = None  # [B, Hkv, cap_blocks, R, D]
