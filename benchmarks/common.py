@@ -88,3 +88,52 @@ def write_json(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class PeakRSS:
+    """Peak resident memory *during* a block (a sampling thread, every ``interval`` s).
+
+    ``ru_maxrss`` only ever grows over a process's life, so it cannot tell one call's peak from
+    an earlier, bigger one; this can (``.peak_mb``; ``.start_mb`` is the RSS on entry)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+
+    def __enter__(self):
+        import threading
+
+        self.start_mb = self.peak_mb = current_rss_mb()
+        self._stop = threading.Event()
+
+        def loop():
+            while not self._stop.wait(self.interval):
+                self.peak_mb = max(self.peak_mb, current_rss_mb())
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, current_rss_mb())
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
