@@ -254,6 +254,11 @@ def main() -> None:
         result["dtypes"] = run_dtypes(args.tokens or 16384, [float(x) for x in args.depths.split(",")])
     # merge into what other runs wrote (read now, not at start: runs may overlap)
     merged = json.loads(path.read_text()) if path.exists() else {}
+    if "rss" in result:  # keep other lengths' rows; a rerun of the same point replaces it
+        key = lambda r: (r["tokens"], json.dumps(r["config"], sort_keys=True))  # noqa: E731
+        rows = {key(r): r for r in merged.get("rss", [])}
+        rows.update({key(r): r for r in result["rss"]})
+        result["rss"] = sorted(rows.values(), key=key)
     merged.update(result)
     write_json("memory", merged)
     plot(merged, RESULTS / "memory_rss.png")
