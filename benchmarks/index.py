@@ -13,8 +13,16 @@ Both in the same process, interleaved, model loaded once; target: (b) <= 1.1 x (
 
 Writes benchmarks/results/index.json and benchmarks/results/index.png.
 
+``--engine ray`` measures the Ray engine instead (benchmarks/results/index_ray.json/.png):
+(d) build throughput on one local Ray cluster with 1 and 2 embedder workers (one CPU and one
+    torch thread each), against the local engine on the same corpus in the same run;
+(e) the index shard cost: an IVF-PQ index over synthetic vectors trained once, filled as 1
+    shard and as 2 shards in parallel Ray tasks, and the shards merged (cost per vector).
+These are the inputs of the 100-node / 10B-token model in the README.
+
     python benchmarks/index.py                       # defaults: ~120 chunks x 4, 100K and 1M vectors
     python benchmarks/index.py --sizes 100000 --chunks 100 --kinds hnsw   # quick
+    python benchmarks/index.py --engine ray --chunks 240 --workers 1,2     # the Ray engine
 """
 from __future__ import annotations
 
@@ -190,6 +198,184 @@ def bench_ann(args) -> list[dict]:
     return rows
 
 
+def bench_ray(args) -> dict:
+    """(d) Ray engine build throughput with 1..N workers vs the local engine; (e) shard costs."""
+    import ray
+
+    import ctxmem
+    from ctxmem.index import KnowledgeIndex
+
+    work = Path(tempfile.mkdtemp(prefix="ctxmem-bench-ray-"))
+    out = {"embedder": args.embedder, "chunk_tokens": args.chunk_tokens, "overlap": args.overlap,
+           "batch_size": args.batch_size, "runs": []}
+    try:
+        chars = make_corpus(work / "corpus", args.chunks)
+        kw = dict(embedder=args.embedder, chunk_tokens=args.chunk_tokens, overlap=args.overlap, progress=False,
+                  batch_size=args.batch_size, index="flat")
+        model = ctxmem.load_embedder(args.embedder)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ref = None
+        for rep in range(args.repeats_ray):
+            for engine, workers in [("local", None)] + [("ray", w) for w in args.workers]:
+                dest = work / f"kb-{engine}-{workers}-{rep}"
+                extra = {"engine": "ray", "workers": workers} if engine == "ray" else {"embedder": model}
+                t0, c0 = time.perf_counter(), time.process_time()
+                kb = KnowledgeIndex.build([work / "corpus"], dest, **{**kw, **extra})
+                wall = time.perf_counter() - t0
+                chunks = [h.text for _, h in kb.iter_chunks()]
+                if ref is None:
+                    ref = chunks
+                    tok = model.tokenizer
+                    out["tokens"] = int(sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in chunks))
+                    out["chunks"], out["corpus_chars"] = len(chunks), chars
+                assert chunks == ref, "engines disagree"
+                rs = kb.last_summary.get("ray", {})
+                first = rs.get("first_batch_seconds")
+                row = {"engine": engine, "workers": workers or 1, "rep": rep, "seconds": wall,
+                       "driver_cpu_seconds": time.process_time() - c0, "chunks_per_s": len(chunks) / wall,
+                       "first_batch_seconds": first, "loadavg": os.getloadavg()[0]}
+                rest = len(chunks) - rs.get("first_batch_rows", len(chunks))
+                if first is not None and rest > 0:  # after the actors are up: the rate the model scales
+                    row["steady_chunks_per_s"] = rest / max(rs["last_batch_seconds"] - first, 1e-9)
+                out["runs"].append(row)
+                log(f"  {engine} workers={workers or 1} rep {rep}: {wall:.1f} s, {row['chunks_per_s']:.2f} chunk/s"
+                    + (f" (first batch after {first:.1f} s; then {row['steady_chunks_per_s']:.2f} chunk/s)"
+                       if "steady_chunks_per_s" in row else ""))
+                shutil.rmtree(dest, ignore_errors=True)
+        out["shards"] = bench_shards(args, ray)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    best = {}
+    for r in out["runs"]:
+        k = f"{r['engine']}-{r['workers']}"
+        best[k] = max(best.get(k, 0.0), r.get("steady_chunks_per_s", r["chunks_per_s"]))
+    out["best_steady_chunks_per_s"] = best
+    out["tokens_per_chunk"] = out["tokens"] / out["chunks"]
+    if "ray-1" in best and out.get("shards"):
+        out["model_100_nodes_10b_tokens"] = scale_model(out)
+    return out
+
+
+def bench_shards(args, ray) -> dict:
+    """IVF-PQ over synthetic vectors: train once, fill 1 shard vs N shards in parallel, merge."""
+    from ctxmem.index import ann
+    from ctxmem.index.ray_engine import _fill_shard
+    from ctxmem.index.testing import synthetic_vectors
+
+    n, dim = args.shard_vectors, args.dim
+    x = synthetic_vectors(n, dim, seed=1)
+    ids = np.arange(n, dtype=np.int64)
+    params = ann.default_params("ivfpq", n, dim)
+    t0 = time.perf_counter()
+    rows = ann.training_rows("ivfpq", n, params)
+    template = ann.serialize(ann.new_index("ivfpq", dim, params, x[rows]))
+    train_s = time.perf_counter() - t0
+    fill = ray.remote(num_cpus=1)(_fill_shard)
+    tref, res = ray.put(template), {"vectors": n, "dim": dim, "params": params, "train_seconds": train_s,
+                                    "train_vectors": int(len(rows))}
+    for n_shards in args.workers:
+        bounds = np.linspace(0, n, n_shards + 1).astype(np.int64)
+        refs = [ray.put(x[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        t0 = time.perf_counter()
+        parts = ray.get([fill.remote(tref, r, ids[a:b], "ivfpq") for r, a, b in zip(refs, bounds[:-1], bounds[1:])])
+        fill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shards = [ann.deserialize(p.tobytes()) for p in parts]
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        index = shards[0]
+        for sh in shards[1:]:
+            ann.merge_into(index, sh, "ivfpq")
+        merge_s = time.perf_counter() - t0
+        nbytes = len(ann.serialize(index))
+        res[f"shards_{n_shards}"] = {"fill_seconds": fill_s, "deserialize_seconds": load_s, "merge_seconds": merge_s,
+                                     "index_bytes": nbytes}
+        log(f"  ivfpq n={n}: {n_shards} shard(s) filled in {fill_s:.1f} s, deserialised in {load_s:.2f} s, "
+            f"merged in {merge_s:.3f} s ({nbytes / n:.0f} bytes/vector)")
+        del index, shards, parts
+        gc.collect()
+    last = res[f"shards_{max(args.workers)}"]
+    res["merge_seconds_per_million"] = (last["merge_seconds"] + last["deserialize_seconds"]) / n * 1e6
+    res["fill_seconds_per_million_one_core"] = res[f"shards_{min(args.workers)}"]["fill_seconds"] \
+        * min(args.workers) / n * 1e6
+    return res
+
+
+def scale_model(r: dict, nodes: int = 100, cores_per_node: int = 16, tokens: float = 10e9, chunk_tokens: int = 128,
+                overlap: int = 16, usd_per_core_hour: float = 0.04, dim: int = 384,
+                driver_gb_per_s: float = 1.0) -> dict:
+    """The README's model: a 10B-token build on ``nodes`` CPU nodes, from this run's measurements.
+
+    Measured here: one worker's steady embedding rate (tokens/s on one core), the 1 -> 2 worker
+    scaling efficiency, the IVF-PQ shard fill cost per vector (one core), the merge cost per
+    vector and the index bytes per vector. Assumed (stated in the output): cores per node, one
+    worker per core, the scaling efficiency holding across nodes, the price of a core-hour.
+    """
+    import math
+
+    best = r["best_steady_chunks_per_s"]
+    tpc = r["tokens_per_chunk"]
+    one = best["ray-1"] * tpc                                  # tokens/s of one worker on one core
+    eff = best.get("ray-2", 2 * best["ray-1"]) / (2 * best["ray-1"])
+    stride = chunk_tokens - overlap
+    n = tokens / stride                                        # chunks in the KB
+    embedded = n * chunk_tokens                                # tokens embedded (overlap counted twice)
+    workers = nodes * cores_per_node
+    rate = workers * one * min(eff, 1.0)                       # tokens/s of the cluster
+    embed_h = embedded / rate / 3600
+    chunk_rate = rate / chunk_tokens
+    sh = r["shards"]
+    fill_h = sh["fill_seconds_per_million_one_core"] * n / 1e6 / workers / 3600
+    merge_h = sh["merge_seconds_per_million"] * n / 1e6 / 3600
+    bpv = sh[f"shards_{max(k for k in (1, 2) if f'shards_{k}' in sh)}"]["index_bytes"] / sh["vectors"]
+    nlist = int(min(65536, 2 ** round(math.log2(2 * math.sqrt(n)))))
+    train_scale = (40 * nlist * nlist) / (sh["train_vectors"] * sh["params"]["nlist"])
+    train_h = sh["train_seconds"] * train_scale / 3600
+    gather_h = n * 4 * dim / 1e9 / driver_gb_per_s / 3600  # the driver reads every vector to ship the shards
+    hours = embed_h + fill_h + merge_h + train_h + gather_h
+    return {
+        "assumed": {"nodes": nodes, "cores_per_node": cores_per_node, "workers": workers, "tokens": tokens,
+                    "chunk_tokens": chunk_tokens, "overlap": overlap, "usd_per_core_hour": usd_per_core_hour,
+                    "driver_gb_per_s": driver_gb_per_s},
+        "measured": {"worker_tokens_per_s": one, "worker_chunks_per_s_at_bench_size": best["ray-1"],
+                     "bench_tokens_per_chunk": tpc, "scaling_efficiency_1_to_2": eff,
+                     "fill_s_per_million_one_core": sh["fill_seconds_per_million_one_core"],
+                     "merge_s_per_million": sh["merge_seconds_per_million"], "index_bytes_per_vector": bpv},
+        "chunks": n, "cluster_tokens_per_s": rate, "cluster_chunks_per_s": chunk_rate,
+        "embed_hours": embed_h, "index_fill_hours": fill_h, "index_merge_hours": merge_h,
+        "ivf_nlist": nlist, "ivf_train_hours_extrapolated": train_h, "driver_gather_hours": gather_h,
+        "total_hours": hours,
+        "core_hours": workers * hours, "usd": workers * hours * usd_per_core_hour,
+        "driver_ingest_mb_per_s": chunk_rate * (4 * dim + 4.3 * chunk_tokens) / 1e6,
+        "segments_gb": n * (4 * dim + 4.3 * chunk_tokens + 40) / 1e9,
+        "index_gb": n * bpv / 1e9,
+        "this_2_core_machine_days": embedded / (one * 2 * min(eff, 1.0)) / 86400,
+    }
+
+
+def plot_ray(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = result["ray"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = list(r["best_steady_chunks_per_s"])
+    vals = [r["best_steady_chunks_per_s"][k] for k in keys]
+    bars = ax.bar(keys, vals, color=["#888" if k.startswith("local") else "#2a7" for k in keys])
+    for bar, v in zip(bars, vals):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom")
+    ax.set_ylabel("chunks / second (best run; Ray: after the actors are up)")
+    ax.set_title(f"index build, {r['chunks']} chunks of <= {r['chunk_tokens']} tokens, {r['embedder']}, "
+                 f"{result['machine']['cpus']} shared CPU cores\nlocal engine vs Ray engine with N embedder "
+                 "workers (1 CPU each)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -245,10 +431,19 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-ann", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "index.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --out")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="ray: measure the Ray engine (writes index_ray.json unless --out is given)")
+    ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
+                    help="Ray embedder worker counts to measure (default 1,2)")
+    ap.add_argument("--repeats-ray", type=int, default=2, help="rounds of (local, ray x workers) builds")
+    ap.add_argument("--shard-vectors", type=int, default=200_000, help="vectors for the IVF shard/merge cost")
     args = ap.parse_args(argv)
+    if args.engine == "ray" and args.out == str(RESULTS / "index.json"):
+        args.out = str(RESULTS / "index_ray.json")
     out = Path(args.out)
     if args.plot_only:
-        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        res = json.loads(out.read_text())
+        (plot_ray if "ray" in res else plot)(res, out.with_suffix(".png"))
         return 0
     previous = json.loads(out.read_text()) if out.exists() else {}
 
@@ -261,6 +456,16 @@ def main(argv=None) -> int:
         "args": {k: v for k, v in vars(args).items()},
     }
     t0 = time.perf_counter()
+    if args.engine == "ray":
+        result["ray"] = bench_ray(args)
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        result["seconds"] = time.perf_counter() - t0
+        result["run_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        plot_ray(result, out.with_suffix(".png"))
+        log(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
+        return 0
     if not args.skip_build:
         result["build"] = bench_build(args)
     if not args.skip_ann:

@@ -136,21 +136,26 @@ def _sorted(vectors: np.ndarray, ids: np.ndarray):
     return np.ascontiguousarray(vectors[order], dtype=np.float32), ids[order]
 
 
-def create(kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict):
-    """A new index of ``kind`` holding ``vectors`` (n, d) under ``ids``; trained if needed."""
+def training_rows(kind: str, n: int, params: dict) -> np.ndarray | None:
+    """Which of ``n`` id-sorted vectors train an index of ``kind`` (``None``: no training).
+
+    A fixed seed, so any engine that trains on these rows gets the same quantizers."""
+    if kind != "ivfpq":
+        return None
+    n_train = int(params.get("train_size", n))
+    if n_train >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, n_train, replace=False))
+
+
+def new_index(kind: str, dim: int, params: dict, train: np.ndarray | None = None):
+    """An empty index of ``kind``, trained on ``train`` when the type needs training."""
     faiss = _faiss()
-    vectors, ids = _sorted(vectors, ids)
-    dim = vectors.shape[1]
     index = faiss.index_factory(dim, params["factory"], faiss.METRIC_INNER_PRODUCT)
     if kind == "hnsw":
         faiss.downcast_index(index.index).hnsw.efConstruction = int(params.get("efConstruction", 40))
     if kind == "ivfpq":
-        n_train = int(params.get("train_size", len(vectors)))
-        rng = np.random.default_rng(0)
-        if n_train >= len(vectors):
-            train = vectors
-        else:
-            train = vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
+        train = np.ascontiguousarray(train, dtype=np.float32)
         ivf = faiss.extract_index_ivf(index)
         if gpu_available():
             try:
@@ -160,9 +165,48 @@ def create(kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict):
         with omp_threads(_threads(len(train))):
             index.train(train)
         ivf.clustering_index = None
+    return index
+
+
+def create(kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict):
+    """A new index of ``kind`` holding ``vectors`` (n, d) under ``ids``; trained if needed."""
+    vectors, ids = _sorted(vectors, ids)
+    rows = training_rows(kind, len(vectors), params)
+    index = new_index(kind, vectors.shape[1], params, None if rows is None else vectors[rows])
     add(index, kind, vectors, ids, presorted=True)
     apply_search_params(index, kind, params)
     return index
+
+
+MERGEABLE = ("flat", "ivfpq")
+
+
+def merge_into(dst, src, kind: str) -> None:
+    """Append every vector of ``src`` to ``dst`` (same type and trained quantizers); empties ``src``.
+
+    Merging shards built over consecutive id ranges, in order, gives exactly the index one
+    process would have built (same inverted lists, same bytes). HNSW graphs cannot be merged.
+    """
+    faiss = _faiss()
+    if kind == "flat":
+        dst.merge_from(src)
+        return
+    if kind != "ivfpq":
+        raise BadInputError(f"{kind} indexes cannot be merged; build them in one piece")
+    # IDMap2 -> IndexRefineFlat -> (IVFPQ base, Flat refine). faiss has no merge for the
+    # refine wrapper, so merge its two parts and the id map by hand.
+    d_map, s_map = faiss.downcast_index(dst), faiss.downcast_index(src)
+    d_ref, s_ref = faiss.downcast_index(d_map.index), faiss.downcast_index(s_map.index)
+    offset = d_ref.ntotal  # src's internal sequence numbers continue after dst's
+    faiss.downcast_index(d_ref.base_index).merge_from(faiss.downcast_index(s_ref.base_index), offset)
+    faiss.downcast_index(d_ref.refine_index).merge_from(faiss.downcast_index(s_ref.refine_index), 0)
+    d_ref.ntotal = d_ref.base_index.ntotal
+    ids = np.concatenate([faiss.vector_to_array(d_map.id_map), faiss.vector_to_array(s_map.id_map)])
+    faiss.copy_array_to_vector(ids.astype(np.int64), d_map.id_map)
+    d_map.ntotal = d_ref.ntotal
+    d_map.construct_rev_map()
+    s_map.id_map.clear()
+    s_map.ntotal = s_ref.ntotal = 0
 
 
 def add(index, kind: str, vectors: np.ndarray, ids: np.ndarray, presorted: bool = False) -> None:

@@ -299,11 +299,13 @@ class Session:
             self.forget_file(seg + ".chunks")
         return dropped
 
-    def finalize(self, requested: str) -> bool:
+    def finalize(self, requested: str, create=None) -> bool:
         """Bring the FAISS index in line with the committed chunks; mark the KB ready.
 
         Sources left partly committed (an interrupted run whose sources were not given again)
-        are dropped first. Returns False when nothing needed writing.
+        are dropped first. Returns False when nothing needed writing. ``create(session, kind,
+        ids, params)``, when given, builds a new index instead of :func:`ann.create` (the Ray
+        engine builds IVF shards in parallel); it must give the same index.
         """
         m = self.m
         partial = [k for k, e in m["sources"].items() if not e["complete"]]
@@ -332,8 +334,11 @@ class Session:
                 ann.apply_search_params(index, kind, params)
         if index is None:
             params = ann.default_params(kind, n, dim)
-            vecs = gather_vectors(self.dir, m, ids) if n else np.zeros((0, dim), np.float32)
-            index = ann.create(kind, vecs, ids, params)
+            if create is not None and n:
+                index = create(self, kind, ids, params)
+            else:
+                vecs = gather_vectors(self.dir, m, ids) if n else np.zeros((0, dim), np.float32)
+                index = ann.create(kind, vecs, ids, params)
         fname = self.new_name("index") + ".faiss"
         self.write_file(fname, ann.serialize(index))
         if cur is not None:
@@ -384,7 +389,10 @@ class Ingestor:
         self.bar = None
 
     # The run -----------------------------------------------------------------------------------
-    def run(self, specs, skipped) -> None:
+    def run(self, specs, skipped, feed=None) -> None:
+        """Ingest ``specs``. ``feed(ingestor, specs)``, when given, replaces the local loop over
+        the sources (the Ray engine); it must :meth:`admit` every source in order and commit
+        their chunks in order through :meth:`commit_pending`."""
         m = self.sess.m
         self.skipped.extend(skipped)
         given = {s.key for s in specs}
@@ -399,9 +407,12 @@ class Ingestor:
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="ctxmem index", dynamic_ncols=True, mininterval=0.5, leave=True)
         try:
-            for spec in specs:
-                self._source(spec)
-            self.flush()
+            if feed is not None:
+                feed(self, specs)
+            else:
+                for spec in specs:
+                    self._source(spec)
+                self.flush()
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -416,71 +427,64 @@ class Ingestor:
             self.stats["sources_removed"] += 1
 
     def _source(self, spec) -> None:
+        prep = prepare_source(spec, self.chunker, self.text_field, self.max_file_bytes,
+                              known_state(self.sess.m, spec.key))
+        ent = self.admit(spec, prep)
+        if ent is None:
+            return
+        if ent is False:  # the committed part no longer fits the text: start the source over
+            return self._source(spec)
+        weight = spec.size / prep["n_chunks"]
+        self._advance(weight * prep["first"])
+        for doc_source, a, b, text in prep["chunks"]:
+            rec = {"source": doc_source, "start": a, "end": b, "text": text}
+            self.pending.append((spec.key, rec, weight))
+            if len(self.pending) >= self.group:
+                self.flush()
+
+    def admit(self, spec, prep: dict):
+        """Record what :func:`prepare_source` found for ``spec`` in the manifest (in memory).
+
+        Returns the source's manifest entry when its chunks ``prep["first"]:`` are to be
+        embedded and committed, ``None`` when there is nothing to embed (skipped or reused),
+        and ``False`` when the committed part does not match ``prep["first"]`` (the source was
+        dropped; prepare it again from chunk 0). Runs on the process that owns the session
+        (the local builder, or the Ray engine's driver).
+        """
         m = self.sess.m
-        try:
-            data = read_bytes(spec, self.max_file_bytes)
-        except SkipSource as e:
-            self.skipped.append({"source": spec.key, "reason": str(e)})
-            if self.mode == "build":
+        status = prep["status"]
+        if status == "skip":
+            self.skipped.append({"source": spec.key, "reason": prep["reason"]})
+            # an unreadable file keeps its old chunks on add; a file that no longer decodes loses them
+            if self.mode == "build" or prep["stage"] == "decode":
                 self._drop(spec.key)
             self._advance(spec.size)
-            return
-        digest = hashlib.sha256(data).hexdigest()
-        ent = m["sources"].get(spec.key)
-        if ent is not None and ent["sha256"] == digest and ent["complete"]:
+            return None
+        if status == "reused":
             self.stats["sources_reused"] += 1
             self._advance(spec.size)
-            return
-        try:
-            decoded = decode_source(spec, data, self.text_field)
-        except SkipSource as e:
-            self.skipped.append({"source": spec.key, "reason": str(e)})
-            self._drop(spec.key)
-            self._advance(spec.size)
-            return
-        del data
-        # chunk; whitespace-only chunks are not indexed
-        chunks = []
-        for doc in decoded.docs:
-            starts, ends = self._spans(doc.text)
-            for a, b in zip(starts, ends):
-                if not doc.text[a:b].isspace():
-                    chunks.append((doc, a, b))
-        if not chunks:
-            self.skipped.append({"source": spec.key, "reason": "empty: no token to index"})
-            self._drop(spec.key)
-            self._advance(spec.size)
-            return
-        for note in decoded.notes:
+            return None
+        for note in prep["notes"]:
             self.notes.append({"source": spec.key, "note": note})
+        digest = prep["sha256"]
+        ent = m["sources"].get(spec.key)
         if ent is not None and ent["sha256"] != digest:
             self.sess.drop_sources([spec.key])  # changed: old chunks go, new ones come
             ent = None
         if ent is None:
             ent = {"sha256": digest, "size": spec.size, "kind": spec.kind, "complete": False,
-                   "chunks": len(chunks), "parts": [], "notes": decoded.notes}
+                   "chunks": prep["n_chunks"], "parts": [], "notes": prep["notes"]}
             m["sources"][spec.key] = ent
-        done = sum(p[2] for p in ent["parts"])
-        if done > len(chunks):  # cannot happen with deterministic chunking; be safe
+        if sum(p[2] for p in ent["parts"]) != prep["first"]:  # cannot happen with deterministic chunking
             self._drop(spec.key)
-            return self._source(spec)
+            return False
         self.stats["sources_indexed"] += 1
-        weight = spec.size / len(chunks)
-        self._advance(weight * done)
-        for doc, a, b in chunks[done:]:
-            rec = {"source": doc.source, "start": int(a), "end": int(b), "text": doc.text[a:b]}
-            self.pending.append((spec.key, rec, weight))
-            if len(self.pending) >= self.group:
-                self.flush()
-
-    def _spans(self, text: str):
-        cs = self.chunker.chunk(text)
-        return [c.start for c in cs], [c.end for c in cs]
+        return ent
 
     def flush(self) -> None:
         if not self.pending:
             return
-        sess, m = self.sess, self.sess.m
+        m = self.sess.m
         texts = [r["text"] for _, r, _ in self.pending]
         n = len(texts)
         vecs = np.empty((n, m["embedder"]["dim"]), dtype=np.float32)
@@ -500,6 +504,18 @@ class Ingestor:
                 self.bar.set_postfix(chunks=done, rate=f"{done / max(secs, 1e-9):.1f} chunk/s", refresh=False)
         dt = time.perf_counter() - t0
         self.stats["embed_seconds"] += dt
+        self.commit_pending(vecs)
+        rate = n / max(dt, 1e-9)
+        self.group = int(min(self.commit_every, max(min(16, self.commit_every), rate * self.commit_seconds)))
+
+    def commit_pending(self, vecs: np.ndarray) -> None:
+        """Commit the pending chunks with their embeddings ``vecs`` as one segment.
+
+        Chunk ids are given in pending order, which is source order then chunk order, so
+        every engine that feeds chunks in that order gives the same ids.
+        """
+        sess, m = self.sess, self.sess.m
+        n = len(self.pending)
         self.stats["chunks_embedded"] += n
         ids = np.arange(m["next_id"], m["next_id"] + n, dtype=np.int64)
         m["next_id"] += n
@@ -521,14 +537,64 @@ class Ingestor:
         m.setdefault("op", self.mode)
         sess.commit()
         self.pending.clear()
-        rate = n / max(dt, 1e-9)
-        self.group = int(min(self.commit_every, max(min(16, self.commit_every), rate * self.commit_seconds)))
 
     def summary(self) -> dict:
         m = self.sess.m
         return {**self.stats, "embed_seconds": round(self.stats["embed_seconds"], 3),
                 "skipped": self.skipped, "notes": self.notes, "commits": self.sess.commits,
                 "chunks": int(sum(p[2] for p in live_parts(m))), "sources": len(m["sources"])}
+
+
+# ----------------------------------------------------------------------------- per-source work
+
+def known_state(m: dict, key: str) -> dict | None:
+    """What the manifest says of source ``key`` (``None`` if nothing): what a worker needs to
+    decide, without the manifest, whether the source is unchanged or partly committed."""
+    ent = m["sources"].get(key)
+    if ent is None:
+        return None
+    return {"sha256": ent["sha256"], "complete": bool(ent["complete"]),
+            "done": int(sum(p[2] for p in ent["parts"]))}
+
+
+def prepare_source(spec, chunker: Chunker, text_field: str, max_file_bytes: int, known: dict | None) -> dict:
+    """Read, hash, decode and chunk one source: the part of ingestion that needs no manifest.
+
+    Returns a dict with ``status``:
+
+    * ``"skip"``: ``reason``, and ``stage`` (``"read"`` or ``"decode"``);
+    * ``"reused"``: the bytes hash to a source ``known`` as completely committed;
+    * ``"chunks"``: ``sha256``, ``notes``, ``n_chunks`` (all chunks of the source), ``first``
+      (chunks already committed for this content: ``known["done"]`` when the hash matches,
+      else 0) and ``chunks``: ``(doc_source, start, end, text)`` for chunks ``first:``.
+      Whitespace-only chunks are not indexed.
+
+    Deterministic and free of side effects, so it can run on any worker and be retried.
+    """
+    try:
+        data = read_bytes(spec, max_file_bytes)
+    except SkipSource as e:
+        return {"status": "skip", "stage": "read", "reason": str(e)}
+    digest = hashlib.sha256(data).hexdigest()
+    if known is not None and known["sha256"] == digest and known["complete"]:
+        return {"status": "reused", "sha256": digest}
+    try:
+        decoded = decode_source(spec, data, text_field)
+    except SkipSource as e:
+        return {"status": "skip", "stage": "decode", "reason": str(e)}
+    del data
+    chunks = []
+    for doc in decoded.docs:
+        for c in chunker.chunk(doc.text):
+            if not doc.text[c.start:c.end].isspace():
+                chunks.append((doc, int(c.start), int(c.end)))
+    if not chunks:
+        return {"status": "skip", "stage": "decode", "reason": "empty: no token to index"}
+    first = known["done"] if known is not None and known["sha256"] == digest else 0
+    if first > len(chunks):  # cannot happen with deterministic chunking; start over
+        first = 0
+    return {"status": "chunks", "sha256": digest, "notes": list(decoded.notes), "n_chunks": len(chunks),
+            "first": first, "chunks": [(doc.source, a, b, doc.text[a:b]) for doc, a, b in chunks[first:]]}
 
 
 def make_chunker(emb, chunk_tokens: int, overlap: int, max_chars: int | None = None) -> Chunker:

@@ -55,7 +55,8 @@ def _print_summary(verb: str, summary: dict, as_json: bool) -> None:
     print(f"{verb} {summary['kb']}: {summary['chunks']} chunks from {summary['sources']} sources "
           f"({summary['chunks_embedded']} embedded from {summary['sources_indexed']} new/changed sources, "
           f"{summary['sources_reused']} unchanged, {summary['sources_removed']} removed, "
-          f"{len(summary['skipped'])} skipped) in {summary['seconds']:.1f} s, index {summary['index_type']}")
+          f"{len(summary['skipped'])} skipped) in {summary['seconds']:.1f} s, index {summary['index_type']}"
+          + (f", on Ray with {summary['ray']['workers']} workers" if summary.get("ray", {}).get("workers") else ""))
 
 
 def _add_source_args(p) -> None:
@@ -83,7 +84,9 @@ def _cmd_build(args) -> int:
                               chunk_tokens=args.chunk_tokens, overlap=args.overlap, include=args.include,
                               exclude=args.exclude, progress=not args.no_progress, text_field=args.text_field,
                               batch_size=args.batch_size, commit_every=args.commit_every,
-                              commit_seconds=args.commit_seconds, max_file_bytes=args.max_file_bytes)
+                              commit_seconds=args.commit_seconds, max_file_bytes=args.max_file_bytes,
+                              engine=args.engine, address=args.address, workers=args.workers,
+                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
     _print_summary("built", kb.last_summary, args.json)
     return 0
 
@@ -184,6 +187,17 @@ def add_index_parser(subparsers) -> None:
     b.add_argument("--chunk-tokens", type=int, default=128, help="tokens per chunk (default 128)")
     b.add_argument("--overlap", type=int, default=16, help="tokens shared by consecutive chunks (default 16)")
     b.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
+    b.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local (default): this process; ray: read, chunk, embed and index on a Ray cluster "
+                        "(pip install 'ctxmem[distributed]'); the KB is the same")
+    b.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --engine ray: join the Ray cluster at ADDR (host:port, ray://host:10001 or auto); "
+                        "default: start a local one on this machine")
+    b.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --engine ray: embedder actors (default: as many as the cluster's CPUs/GPUs allow)")
+    b.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --engine ray: CPUs per embedder (default 1)")
+    b.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="with --engine ray: GPUs per embedder (default 0: embed on CPUs)")
     _add_source_args(b)
     b.set_defaults(func=_cmd_build)
 

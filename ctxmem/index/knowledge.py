@@ -138,7 +138,9 @@ class KnowledgeIndex:
               overlap: int = 16, include=None, exclude=None, progress: bool = True, *,
               text_field: str = "text", batch_size: int = 32, commit_every: int = 65536,
               commit_seconds: float = 30.0, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-              max_chars: int | None = None) -> "KnowledgeIndex":
+              max_chars: int | None = None, engine: str = "local", address: str | None = None,
+              workers: int | None = None, cpus_per_worker: float = 1.0,
+              gpus_per_worker: float = 0.0) -> "KnowledgeIndex":
         """Build (or resume, or bring up to date) the KB at ``out_dir`` from ``sources``.
 
         ``sources``: files, folders (recursive, filtered by ``include``/``exclude`` globs), JSONL
@@ -147,9 +149,34 @@ class KnowledgeIndex:
         re-embedded, ones no longer given dropped. ``index``: ``auto``, ``flat``, ``hnsw`` or
         ``ivfpq``. The run's summary (skipped sources with reasons, decoding notes, counts,
         rates) is in the returned object's ``last_summary``.
+
+        ``engine="ray"`` runs reading, chunking, embedding and IVF index shards on a Ray cluster
+        (see :mod:`ctxmem.index.ray_engine`; ``pip install 'ctxmem[distributed]'``): the one
+        at ``address``, or a local one started for the build. ``workers`` embedder actors of
+        ``cpus_per_worker`` CPUs / ``gpus_per_worker`` GPUs each. Same KB, same resume rules.
         """
         t0 = time.perf_counter()
         ann.choose_type(index, 0)  # validates the name
+        if engine not in ("local", "ray"):
+            raise BadInputError(f"unknown engine {engine!r}; choose local or ray")
+        if engine == "local" and (address is not None or workers is not None):
+            raise BadInputError("address and workers are options of engine='ray'")
+        eng = None
+        if engine == "ray":  # fails early, before any folder is made, when Ray is missing
+            from .ray_engine import RayEngine
+
+            eng = RayEngine(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
+                            gpus_per_worker=gpus_per_worker)
+        try:
+            return cls._build(sources, out_dir, embedder, index, chunk_tokens, overlap, include, exclude, progress,
+                              text_field, batch_size, commit_every, commit_seconds, max_file_bytes, max_chars, eng, t0)
+        finally:
+            if eng is not None:
+                eng.close()
+
+    @classmethod
+    def _build(cls, sources, out_dir, embedder, index, chunk_tokens, overlap, include, exclude, progress,
+               text_field, batch_size, commit_every, commit_seconds, max_file_bytes, max_chars, eng, t0):
         emb = embed.load(embedder)
         chunker = make_chunker(emb, chunk_tokens, overlap, max_chars)
         out_dir = Path(out_dir)
@@ -171,12 +198,19 @@ class KnowledgeIndex:
             ing = Ingestor(sess, emb, chunker, mode="build", text_field=text_field, progress=progress,
                            batch_size=batch_size, commit_every=commit_every, commit_seconds=commit_seconds,
                            max_file_bytes=max_file_bytes)
-            ing.run(specs, skipped)
+            if eng is not None:
+                eng.start()
+                ing.run(specs, skipped, feed=eng.feed(embedder))
+            else:
+                ing.run(specs, skipped)
             if not live_ids(sess.m).size:
                 reasons = "; ".join(f"{s['source']}: {s['reason']}" for s in ing.skipped[:5]) or "no sources found"
                 raise BadInputError(f"nothing to index ({reasons})")
-            sess.finalize(index)
+            sess.finalize(index, create=eng.create_index if eng is not None else None)
             summary = ing.summary()
+            summary["engine"] = "ray" if eng is not None else "local"
+            if eng is not None:
+                summary["ray"] = dict(eng.stats)
         kb = cls(out_dir, read_manifest(out_dir), emb)
         kb._emb = emb
         summary.update(kb=str(out_dir), index_type=kb._m["index"]["type"], seconds=round(time.perf_counter() - t0, 3))

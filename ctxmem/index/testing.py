@@ -84,3 +84,21 @@ def synthetic_vectors(n: int, dim: int = 384, seed: int = 0, clusters: int = 204
     out = out[rng.permutation(n)]
     out /= np.linalg.norm(out, axis=1, keepdims=True)
     return out
+
+
+class KillOnceEmbedder(HashingEmbedder):
+    """:class:`HashingEmbedder` whose process dies (``os._exit``) the first time it is asked to
+    embed a text containing ``trigger``; ``marker`` (a file) records that it happened, with the
+    pid that died, so the retry embeds normally. For testing the Ray engine's fault tolerance:
+    it behaves as a worker killed by the OOM killer or a lost node."""
+
+    def __init__(self, dim: int, trigger: str, marker: str):
+        super().__init__(dim)
+        self.trigger, self.marker = trigger, str(marker)
+
+    def encode(self, texts, **kw):
+        if any(self.trigger in t for t in texts) and not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write(str(os.getpid()))
+            os._exit(1)
+        return super().encode(texts, **kw)
