@@ -125,7 +125,9 @@ class MemoryCache(Cache):
         if cfg.ram_budget is None:
             layers = [BlockMemoryLayer(self) for _ in range(num_layers)]
         else:
+            from ._malloc import pin_malloc_thresholds
             from .tiered import TieredMemoryLayer
+            pin_malloc_thresholds()  # a RAM bound asked for: keep freed blocks returnable to the OS
             layers = [TieredMemoryLayer(self, i) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.cfg = cfg
