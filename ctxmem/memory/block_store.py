@@ -20,6 +20,15 @@ from ..ops import OpParams, middle_blocks
 from .text_index import BlockTextIndex
 
 
+def grown(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """A zero-filled copy of ``x`` with dimension ``dim`` enlarged to ``size`` (the old values first)."""
+    shape = list(x.shape)
+    old, shape[dim] = shape[dim], size
+    buf = x.new_zeros(shape)
+    buf.narrow(dim, 0, old).copy_(x)
+    return buf
+
+
 class BlockMemoryLayer(CacheLayerMixin):
     """One decoder layer's KV store: keys/values [B, Hkv, cap, D] plus block representatives."""
 
@@ -54,17 +63,8 @@ class BlockMemoryLayer(CacheLayerMixin):
         S = self.owner.cfg.block_size
         new_cap = max(need, 2 * cap, 1024)
         new_cap = -(-new_cap // S) * S
-        B, H, _, D = self.k.shape
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            buf = old.new_zeros(B, H, new_cap, D)
-            buf[:, :, :cap] = old
-            setattr(self, name, buf)
-        nb = new_cap // S
-        old = self.reps
-        buf = old.new_zeros(B, H, nb, old.shape[3], D)
-        buf[:, :, : old.shape[2]] = old
-        self.reps = buf
+        self.k, self.v = grown(self.k, 2, new_cap), grown(self.v, 2, new_cap)
+        self.reps = grown(self.reps, 2, new_cap // S)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:

@@ -22,7 +22,7 @@ import torch
 
 from ..ops import OpParams, block_scores_ref, row_layout, select_topk
 from ..ops.rope import rerotate_blocks_
-from .block_store import BlockMemoryLayer
+from .block_store import BlockMemoryLayer, grown
 
 
 class TieredMemoryLayer(BlockMemoryLayer):
@@ -58,21 +58,13 @@ class TieredMemoryLayer(BlockMemoryLayer):
         if need <= cap:
             return
         new_cap = max(need, 2 * cap, 256)
-        B, H, _, D = self.k.shape
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            buf = old.new_zeros(B, H, new_cap, D)
-            buf[:, :, :cap] = old
-            setattr(self, name, buf)
+        self.k, self.v = grown(self.k, 2, new_cap), grown(self.v, 2, new_cap)
 
     def _grow_reps(self, nblocks: int) -> None:
         have = self.reps.shape[2]
         if nblocks <= have:
             return
-        old = self.reps
-        buf = old.new_zeros(old.shape[0], old.shape[1], max(nblocks, 2 * have, 16), old.shape[3], old.shape[4])
-        buf[:, :, :have] = old
-        self.reps = buf
+        self.reps = grown(self.reps, 2, max(nblocks, 2 * have, 16))
 
     def spill(self, b: int) -> None:
         """Move row b's blocks that became middle blocks (for a chunk starting now) to the cold store."""
