@@ -9,6 +9,7 @@ benchmarks/results/memory.json and memory_rss.png.
     python -m benchmarks.memory dtypes --tokens 16384          # fp32 / fp16 / int8 cold blocks
     python -m benchmarks.memory all                            # the three above (README's numbers)
     python -m benchmarks.memory store --tokens 1048576         # the store alone at 1M tokens (no model)
+    python -m benchmarks.memory rss --lengths 1048576 --tiered-only   # 1M tokens through the model (~1.5 h)
 """
 from __future__ import annotations
 
@@ -26,15 +27,52 @@ SUFFIX = 32  # the question's tokens: the memory holds everything before them
 
 
 def _child(spec: dict) -> dict:
-    """Run one measurement in a fresh process; returns its JSON report."""
+    """Run one measurement in a fresh process; returns its JSON report (its progress and trace
+    lines go to our stderr as they happen)."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "child", json.dumps(spec)],
-                         capture_output=True, text=True)
+                         stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"child {spec} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"child {spec} failed ({out.returncode}); its stderr is above")
     rep = json.loads(lines[-1])
     print(json.dumps(rep), flush=True)
     return rep
+
+
+class RssTrace:
+    """Samples (seconds, tokens read, RSS now, peak RSS) every ``every`` seconds on a thread, so a
+    long read shows its rate and memory as it goes and the report keeps the curve."""
+
+    def __init__(self, memory, every: float = 30.0):
+        import threading
+
+        self.memory, self.every, self.rows = memory, every, []
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        from benchmarks.common import current_rss_mb, peak_rss_mb
+
+        row = [round(time.perf_counter() - self.t0, 1), int(self.memory.seen), round(current_rss_mb()),
+               round(peak_rss_mb())]
+        self.rows.append(row)
+        rate = row[1] / row[0] if row[0] else 0.0
+        print(f"trace: {row[0]:8.0f} s  {row[1]:>9,} tokens  {rate:6.0f} tok/s  rss {row[2]:,} MB  peak {row[3]:,} MB",
+              file=sys.stderr, flush=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.sample()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
 
 
 def child(spec: dict) -> dict:
@@ -61,8 +99,11 @@ def child(spec: dict) -> dict:
             raise RuntimeError("the loaded memory holds other tokens than this prompt's document")
         rep["seconds_load"] = round(time.perf_counter() - t0, 2)
     else:
-        memory = ctxmem.read_memory(model, prefix)
+        memory = ctxmem.new_cache(model)
+        with RssTrace(memory, spec.get("trace_every", 30.0)) as trace:
+            memory = ctxmem.read_memory(model, prefix, memory=memory)
         rep["seconds_read"] = round(time.perf_counter() - t0, 2)
+        rep["trace"] = {"columns": ["seconds", "tokens", "rss_mb", "peak_rss_mb"], "rows": trace.rows}
         if spec.get("save"):
             t1 = time.perf_counter()
             ctxmem.save_memory(model, spec["save"], memory)
@@ -155,12 +196,12 @@ def store_only(n: int, budget: str, cold_dtype: str) -> dict:
             "all_in_ram_fp32_kv_mb": round(n * layers * 2 * H * D * 4 / 2**20)}
 
 
-def run_rss(lengths: list[int], budget: str, tiered_only: bool = False) -> list[dict]:
+def run_rss(lengths: list[int], budget: str, tiered_only: bool = False, cold_dtype: str = "fp16") -> list[dict]:
     rows = []
     for n in lengths:
         if n <= 65536 and not tiered_only:  # all-in-RAM beyond 64K would need many GB here: that is the point
             rows.append(_child({"task": "read", "tokens": n, "config": {}}))
-        rows.append(_child({"task": "read", "tokens": n, "config": {"ram_budget": budget, "cold_dtype": "fp16"}}))
+        rows.append(_child({"task": "read", "tokens": n, "config": {"ram_budget": budget, "cold_dtype": cold_dtype}}))
     return rows
 
 
@@ -235,6 +276,7 @@ def main() -> None:
     ap.add_argument("--budget", default="1GB", help="ram_budget of the tiered runs")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--tiered-only", action="store_true", help="rss: skip the all-in-RAM runs")
+    ap.add_argument("--cold-dtype", default="fp16", choices=["fp16", "int8", "fp32"], help="rss: cold dtype of the tiered runs")
     ap.add_argument("--reread", action="store_true", help="reuse: also time reading again in a third process")
     args = ap.parse_args()
     if args.what == "child":
@@ -243,7 +285,8 @@ def main() -> None:
     path = RESULTS / "memory.json"
     result = {"machine": machine()}
     if args.what in ("rss", "all"):
-        result["rss"] = run_rss([int(x) for x in args.lengths.split(",")], args.budget, args.tiered_only)
+        result["rss"] = run_rss([int(x) for x in args.lengths.split(",")], args.budget, args.tiered_only,
+                                args.cold_dtype)
     if args.what in ("reuse", "all"):
         result["reuse"] = run_reuse(args.tokens or 32768, args.reread)
     if args.what == "store":

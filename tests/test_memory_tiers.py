@@ -166,3 +166,38 @@ def test_rerotate_blocks_equals_the_per_key_reference(u, n, half, dtype, seed):
     want = rerotate(x.reshape(3, u * n, 2 * half), delta.repeat_interleave(n), inv).reshape(x.shape)
     rerotate_blocks_(x, delta, inv)
     assert torch.equal(x, want)
+
+
+@given(H=st.integers(1, 4), n=st.integers(1, 300), R=st.sampled_from([1, 4]), D=st.sampled_from([16, 64]),
+       scale=st.sampled_from([0.1, 3.0, 30.0]), bias=st.booleans(), seed=st.integers(0, 99))
+@settings(max_examples=40, deadline=None)
+def test_half_precision_block_scores_match_the_reference(H, n, R, D, scale, bias, seed):
+    from ctxmem.memory.tiered import block_scores_half
+    from ctxmem.ops import block_scores_ref, select_topk
+
+    g = torch.Generator().manual_seed(seed)
+    reps = (torch.randn(H, n, R, D, generator=g) * scale).half()
+    qbar = torch.randn(H, D, generator=g) * scale
+    b = torch.randn(n, generator=g) * 10 if bias else None
+    scaling = D ** -0.5
+    want = block_scores_ref(qbar, reps, scaling, b)
+    got = block_scores_half(qbar, reps, scaling, b)
+    # the query is rounded to fp16 (2^-11 relative per element, so up to 2^-11 of sum |q_i r_i|),
+    # products are accumulated in fp32, and each score is rounded once to fp16 (2^-11 relative)
+    raw = want - (0 if b is None else b[None, :])
+    absdot = torch.einsum("hd,hnrd->hnr", qbar.abs(), reps.float().abs()).amax(-1) * scaling
+    tol = absdot * 2.0 ** -10 + raw.abs() * 2.0 ** -10 + 1e-3
+    assert bool(((got - want).abs() <= tol).all()), float((got - want).abs().max())
+    # the chosen blocks agree wherever the reference's k-th and (k+1)-th scores are further apart
+    # than the rounding can move them
+    k = min(5, n)
+    srt = want.sort(dim=-1, descending=True).values
+    if n > k:
+        gap = srt[:, k - 1] - srt[:, k]
+        clear = gap > 2 * tol.max(dim=-1).values
+    else:
+        clear = torch.ones(H, dtype=torch.bool)
+    a, c = select_topk(want, k), select_topk(got, k)
+    assert torch.equal(a[clear], c[clear])
+    # fp32 reps take the reference path, bit for bit
+    assert torch.equal(block_scores_half(qbar, reps.float(), scaling, b), block_scores_ref(qbar, reps.float(), scaling, b))

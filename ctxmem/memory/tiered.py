@@ -25,6 +25,23 @@ from ..ops.rope import rerotate_blocks_
 from .block_store import BlockMemoryLayer, grown
 
 
+def block_scores_half(qbar: torch.Tensor, reps: torch.Tensor, scaling: float, bias: torch.Tensor | None):
+    """``block_scores_ref`` for half-precision representatives without converting them.
+
+    Converting a layer's fp16 reps to fp32 on every call costs ~8x the dot products themselves
+    (at 1M tokens: 0.55 s per chunk over 30 layers, vs 0.07 s this way). The query is scaled
+    first so the products are attention logits (far inside fp16's range); the result differs
+    from the reference only by rounding each score to fp16 (relative 5e-4, the reps' own
+    precision). fp32 reps go through the reference unchanged.
+    """
+    if reps.dtype == torch.float32:
+        return block_scores_ref(qbar, reps, scaling, bias)
+    s = torch.einsum("hd,hnrd->hnr", (qbar.float() * scaling).to(reps.dtype), reps).amax(-1).float()
+    if bias is not None:
+        s = s + bias.float()[None, :]
+    return s
+
+
 class TieredMemoryLayer(BlockMemoryLayer):
     def __init__(self, owner, layer_idx: int):
         super().__init__(owner)
@@ -136,8 +153,8 @@ class TieredMemoryLayer(BlockMemoryLayer):
                 U = torch.arange(lay.nmid)
             else:
                 qbar = query[b, :, C - n:].reshape(H, G, n, D).float().mean(dim=(1, 2))
-                scores = block_scores_ref(qbar, self.reps[b, :, : lay.nmid], params.scaling,
-                                          None if bias is None else bias[b, : lay.nmid])
+                scores = block_scores_half(qbar, self.reps[b, :, : lay.nmid], params.scaling,
+                                           None if bias is None else bias[b, : lay.nmid])
                 U = torch.unique(select_topk(scores, lay.nsel).cpu())
             u = int(U.numel())
             delta = (lay.nmid - u) * S
