@@ -201,3 +201,24 @@ def test_half_precision_block_scores_match_the_reference(H, n, R, D, scale, bias
     assert torch.equal(a[clear], c[clear])
     # fp32 reps take the reference path, bit for bit
     assert torch.equal(block_scores_half(qbar, reps.float(), scaling, b), block_scores_ref(qbar, reps.float(), scaling, b))
+
+
+def test_block_text_index_embeds_large_batches_in_pieces_with_the_same_result(monkeypatch):
+    """A first question over a long input embeds thousands of blocks (with a progress bar, in
+    pieces); the embeddings must be exactly those of one call."""
+    from ctxmem.index.embed import HashingEmbedder
+    from ctxmem.memory import text_index
+
+    class Tok:  # decode = the ids as words, so every block's text differs
+        def decode(self, ids):
+            return " ".join(f"w{i % 997}" for i in ids)
+
+    ids = list(range(8 + 1100 * 4))
+    pieces = text_index.BlockTextIndex(Tok(), HashingEmbedder(64), batch_size=16)
+    got = pieces.ensure(0, ids, 1100, sink=8, S=4)
+    monkeypatch.setattr(text_index, "_BAR_BLOCKS", 10**9)
+    whole = text_index.BlockTextIndex(Tok(), HashingEmbedder(64), batch_size=16)
+    want = whole.ensure(0, ids, 1100, sink=8, S=4)
+    assert got.shape == (1100, 64) and torch.equal(got, want)
+    # growing later embeds only the new blocks, in order
+    assert torch.equal(pieces.ensure(0, ids + list(range(40)), 1110, sink=8, S=4)[:1100], want)

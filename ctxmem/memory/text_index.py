@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 _FORCED = 1.0e4
+# Embedding this many blocks at once (a first question over ~64K+ tokens) takes long enough to
+# deserve a progress bar (shown on a terminal only).
+_BAR_BLOCKS = 1024
 
 
 class BlockTextIndex:
@@ -32,7 +35,18 @@ class BlockTextIndex:
         n0 = 0 if have is None else have.shape[0]
         if nblocks > n0:
             texts = [self.tokenizer.decode(ids[sink + j * S: sink + (j + 1) * S]) for j in range(n0, nblocks)]
-            new = self._encode(texts)
+            if len(texts) < _BAR_BLOCKS:
+                new = self._encode(texts)
+            else:
+                from tqdm.auto import tqdm
+
+                parts, step = [], 8 * self.batch_size
+                with tqdm(total=len(texts), unit="block", desc="ctxmem: embedding blocks", leave=False,
+                          disable=None) as bar:
+                    for i in range(0, len(texts), step):
+                        parts.append(self._encode(texts[i:i + step]))
+                        bar.update(len(parts[-1]))
+                new = torch.cat(parts)
             have = new if have is None else torch.cat([have, new])
             self.rows[row] = have
         return have[:nblocks]
