@@ -10,28 +10,14 @@ resumes when the same command is run again).
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
+from .._cli import handled
+
 
 def _handled(cmd: str):
-    def deco(fn):
-        @functools.wraps(fn)
-        def run(args) -> int:
-            try:
-                return fn(args)
-            except KeyboardInterrupt:
-                print(f"ctxmem compressor {cmd}: interrupted (rerun the same command to resume)", file=sys.stderr)
-                return 130
-            except (OSError, ValueError, RuntimeError) as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                if getattr(args, "json", False):
-                    print(json.dumps({"ok": False, "error": msg}))
-                print(f"ctxmem compressor {cmd}: error: {msg}", file=sys.stderr)
-                return 1
-        return run
-    return deco
+    return handled(f"ctxmem compressor {cmd}")
 
 
 def _device(name: str) -> str:

@@ -8,36 +8,21 @@ Standalone: ``python -m ctxmem.index.cli index build SRC... -o KB``.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 
+from .._cli import fail, handled
 from .errors import KnowledgeIndexError
 
 _INDEX_CHOICES = ("auto", "flat", "hnsw", "ivfpq")
 
 
 def _fail(cmd: str, msg: str, as_json: bool = False) -> int:
-    if as_json:
-        print(json.dumps({"ok": False, "error": msg}))
-    print(f"ctxmem index {cmd}: error: {msg}", file=sys.stderr)
-    return 1
+    return fail(f"ctxmem index {cmd}", msg, as_json)
 
 
 def _handled(cmd: str):
-    def deco(fn):
-        @functools.wraps(fn)
-        def run(args) -> int:
-            try:
-                return fn(args)
-            except KeyboardInterrupt:
-                print(f"ctxmem index {cmd}: interrupted (rerun the same command to resume)", file=sys.stderr)
-                return 130
-            except (KnowledgeIndexError, OSError, ValueError, RuntimeError) as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                return _fail(cmd, msg, getattr(args, "json", False))
-        return run
-    return deco
+    return handled(f"ctxmem index {cmd}", (KnowledgeIndexError, OSError, ValueError, RuntimeError))
 
 
 def _report_inputs(summary: dict) -> None:
