@@ -14,7 +14,9 @@ Methods (same prompts, same greedy decoding, one after the other on each sample)
   ctxmem             working memory with the default MemoryConfig
   ctxmem+kb          ctxmem plus a knowledge index built over the same haystack (RAG), its hits read
                      as a hidden prefix (wrap(model, knowledge=KB))
-  ctxmem+compressor  SLOT for issue 4: runs only when ``ctxmem.Compressor`` exists (see _compressor)
+  ctxmem+compressor  ctxmem+kb with the hits read as summary tokens of the learned compressor
+                     (wrap(model, knowledge=KB, compressor=comp)); the same --kb-budget, counted in
+                     decoder positions (about ratio x more text); checkpoint $CTXMEM_SUITE_COMPRESSOR
 
 Writes benchmarks/results/OUT.json (plan, machine, summary, wall time), OUT_TASK.json (every
 answer, per task), OUT_heatmap.png (needle depth x length), OUT_accuracy.png (score vs length per
@@ -99,7 +101,7 @@ def quick_plan() -> Plan:
     cells += [Cell("niah_single", 8192, base, 1), Cell("niah_multikey", 8192, ["streaming", "ctxmem"], 1),
               Cell("vt", 8192, ["streaming", "ctxmem"], 1)]
     cells.append(Cell("codeqa", 4096, ["ctxmem+kb"], 1))
-    # COMPRESSOR SLOT: skipped at no cost (recorded as unavailable) until ctxmem.Compressor exists
+    # the same KB task with the hits read as summary tokens (recorded as unavailable if no checkpoint loads)
     cells.append(Cell("codeqa", 4096, ["ctxmem+compressor"], 1))
     return Plan("quick", cells, ppl_lengths={m: [2048, 10240] for m in base}, ppl_corpora=["code"],
                 note="1 sample per cell; stock to 8K; perplexity of the last 256 tokens of one window of code")
@@ -123,12 +125,11 @@ def grid_plan(name: str, tasks: list[str], lengths: list[int], methods: list[str
 # methods
 
 
-def _compressor():
+def _compressor(model=None, tokenizer=None):
     """COMPRESSOR SLOT (issue 4). Returns wrap() keyword arguments that put the compressor in the
-    loop, or raises ``MethodUnavailable`` saying why. Activates by itself once ``ctxmem.Compressor``
-    exists; the checkpoint comes from $CTXMEM_SUITE_COMPRESSOR (default: the bundled "smollm2-r8").
-    If the compressor is wired in differently than ``wrap(..., compressor=comp)``, this is the one
-    place to change."""
+    loop (``compressor=comp``, loaded onto ``model`` so its encoder shares the wrapped model's
+    weights; the caller adds ``knowledge=``), or raises ``MethodUnavailable`` saying why. The
+    checkpoint comes from $CTXMEM_SUITE_COMPRESSOR (default: the bundled "smollm2-r8")."""
     import ctxmem
 
     try:
@@ -140,7 +141,8 @@ def _compressor():
     if "compressor" not in inspect.signature(ctxmem.wrap).parameters:
         raise MethodUnavailable("ctxmem.wrap has no compressor= argument yet; adapt benchmarks/suite.py:_compressor")
     try:
-        comp = comp_cls.from_pretrained(os.environ.get("CTXMEM_SUITE_COMPRESSOR", "smollm2-r8"))
+        comp = comp_cls.from_pretrained(os.environ.get("CTXMEM_SUITE_COMPRESSOR", "smollm2-r8"), model=model,
+                                        tokenizer=tokenizer)
     except Exception as e:  # noqa: BLE001 - any failure makes the method unavailable, with the reason
         raise MethodUnavailable(f"ctxmem.Compressor.from_pretrained failed: {type(e).__name__}: {e}") from None
     return dict(compressor=comp)
@@ -177,6 +179,7 @@ class Runner:
         self.rows: list[dict] = []
         self.ppl_rows: list[dict] = []
         self.unavailable: dict[str, str] = {}
+        self._comp_kwargs = None  # the compressor, loaded once onto self.model (its adapter stays, off)
         self.tmp = Path(tempfile.mkdtemp(prefix="ctxmem-suite-"))
 
     def log(self, msg: str):
@@ -203,7 +206,13 @@ class Runner:
                 info["kb_chunks"] = len(kb)
                 extra = dict(knowledge=kb, knowledge_budget=self.args.kb_budget)
             elif method == "ctxmem+compressor":
-                extra = _compressor()
+                if self._comp_kwargs is None:
+                    self._comp_kwargs = _compressor(self.model, self.tok)
+                t0 = time.perf_counter()
+                kb = self._kb(sample)
+                info["kb_build_seconds"] = round(time.perf_counter() - t0, 2)
+                info["kb_chunks"] = len(kb)
+                extra = dict(knowledge=kb, knowledge_budget=self.args.kb_budget, **self._comp_kwargs)
             ctxmem.wrap(self.model, method_config(method, self.base), tokenizer=self.tok, embedder=self.emb, **extra)
             try:
                 yield info

@@ -44,9 +44,22 @@ def cmd_ask(args) -> int:
         raise ValueError("give --context FILE, --memory PATH and/or --knowledge KB")
     if args.memory and args.stock:
         raise ValueError("--memory needs ctxmem (drop --stock)")
+    if args.compressor:
+        if not args.knowledge:
+            raise ValueError("--compressor compresses the knowledge index's hits; give --knowledge KB too")
+        if args.stock:
+            raise ValueError("--compressor needs ctxmem (drop --stock)")
+        if args.memory:
+            raise ValueError("--compressor cannot be combined with --memory yet (a saved memory holds no "
+                             "knowledge prefix); drop one of them")
     model, tok = load_model(args.model)
     knowledge_text = None
-    if args.knowledge:
+    kb = None
+    if args.knowledge and args.compressor:
+        from .index import KnowledgeIndex
+
+        kb = KnowledgeIndex.open(args.knowledge)  # read as summary tokens by the wrapper, below
+    elif args.knowledge:
         from .index import KnowledgeIndex
         from .index.augment import knowledge_context
 
@@ -56,14 +69,27 @@ def cmd_ask(args) -> int:
     if args.ram_budget is not None:
         overrides["ram_budget"] = args.ram_budget
     if not args.stock:
-        wrap(model, MemoryConfig(**overrides), tokenizer=tok, progress=not args.json)
+        extra = {}
+        if args.compressor:
+            extra = dict(knowledge=kb, knowledge_budget=args.knowledge_budget, compressor=args.compressor)
+        wrap(model, MemoryConfig(**overrides), tokenizer=tok, progress=not args.json, **extra)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
     memory_report = None
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False,
                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    knowledge_report = None
     if args.memory:
         ids, memory, memory_report = _memory_for(args, model, tok, context, knowledge_text)
+        out = model.generate(torch.tensor([ids]), cache=memory, **gen)
+    elif args.compressor:
+        from .hf import read_knowledge
+
+        # the hits for the question (as the text path queries), read as [BOS, summary tokens] before the prompt
+        memory = read_knowledge(model, [args.question])
+        knowledge_report = {"summary_positions": memory.hidden_prefix[0], "budget_positions": args.knowledge_budget,
+                            "compressor": getattr(model._ctxmem.compressor, "source", None)}
+        ids = build_prompt(tok, context, args.question, None)
         out = model.generate(torch.tensor([ids]), cache=memory, **gen)
     else:
         ids = build_prompt(tok, context, args.question, knowledge_text)
@@ -76,11 +102,15 @@ def cmd_ask(args) -> int:
               "peak_rss_mb": round(peak), "mode": "stock" if args.stock else "ctxmem"}
     if memory_report:
         report["memory"] = memory_report
+    if knowledge_report:
+        report["knowledge"] = knowledge_report
     if args.json:
         print(json.dumps(report))
     else:
         print(answer)
         mem = f" · memory {memory_report['action']} ({memory_report['seconds']:.1f} s)" if memory_report else ""
+        if knowledge_report:
+            mem += f" · knowledge as {knowledge_report['summary_positions']} summary positions"
         print(f"-- {len(ids):,} context tokens · answered in {t_answer:.1f} s "
               f"({report['tokens_per_second_read']:,.0f} tok/s) · peak RSS {peak:,.0f} MB · {report['mode']}{mem}",
               file=sys.stderr)
@@ -145,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--context", help="text file to read (any length)")
     ask.add_argument("--knowledge", help="knowledge index folder (from `ctxmem index build`)")
-    ask.add_argument("--knowledge-budget", type=int, default=1024, help="tokens of retrieved notes (default 1024)")
+    ask.add_argument("--knowledge-budget", type=int, default=1024,
+                     help="tokens of retrieved notes (default 1024); with --compressor, decoder positions of "
+                          "their summary tokens (about ratio x more text)")
+    ask.add_argument("--compressor", metavar="NAME_OR_PATH",
+                     help="read the --knowledge hits as summary tokens of this compressor (e.g. smollm2-r8)")
     ask.add_argument("--model", default="smollm2", help="bundled name or HF id/path (default: smollm2)")
     ask.add_argument("--max-new-tokens", type=int, default=48)
     ask.add_argument("--memory", metavar="PATH",

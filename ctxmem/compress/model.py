@@ -169,8 +169,21 @@ class Compressor(nn.Module):
             m._active_adapter = [self.adapter_name] if on else [a for a in m.active_adapters if a != self.adapter_name]
             m._disable_adapters = not on
 
+    def remove_adapter(self) -> None:
+        """Take this compressor's LoRA adapter out of the base model (the compressor is unusable after).
+
+        ``wrap(model, compressor="name")`` loads a compressor on the wrapped model and removes it
+        again at ``unwrap``, so wrapping repeatedly does not pile adapters up in the model.
+        """
+        for m in self._lora_layers:
+            if self.adapter_name in m._get_available_adapters():
+                m.delete_adapter(self.adapter_name)
+        self._lora_layers = []
+
     @contextmanager
     def lora(self):
+        if not self._lora_layers:
+            raise CompressorError("this compressor's adapter was removed from its model (remove_adapter); load it again")
         self._set_lora(True)
         try:
             yield
@@ -315,7 +328,11 @@ class Compressor(nn.Module):
             model, tok = load_model(config.base_model, device=device)
             tokenizer = tokenizer or tok
         comp = cls(model, tokenizer, config)
-        comp.load_weights(state, where=str(path / WEIGHTS_FILE))
+        try:
+            comp.load_weights(state, where=str(path / WEIGHTS_FILE))
+        except BaseException:
+            comp.remove_adapter()  # leave the caller's model as it was
+            raise
         comp.meta = doc.get("meta", {})
         comp.source = str(path)
         return comp.eval()

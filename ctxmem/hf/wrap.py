@@ -11,6 +11,7 @@ is back bit for bit.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ from . import attention
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 # RoPE variants that are a pure rotation by position * inv_freq (re-rotation by a delta is exact).
 PURE_ROTATION_ROPE = ("default", "linear", "llama3")
+# What a summary token (compressed knowledge) stands for in a memory's token ids: it has no text of its
+# own, so the block selector's text view decodes it to nothing. (-1 marks rows fed as inputs_embeds.)
+SUMMARY_ID = -2
 
 
 @dataclass
@@ -38,6 +42,29 @@ class WrapState:
     knowledge_budget: int = 1024
     progress: bool = False
     last_memory: Any = None  # the MemoryCache of the latest forward (what save_memory saves by default)
+    compressor: Any = None  # a ctxmem.Compressor: knowledge hits are read as its summary tokens
+    owns_compressor: bool = False  # loaded by wrap from a name: its adapter is removed at unwrap
+    read_knowledge: Any = None  # (cache, queries, device, kwargs) -> None, set by _make_forward
+
+
+class _TextView:
+    """The tokenizer as the block selector sees a memory's token ids: placeholders (negative ids:
+    summary tokens, inputs_embeds) decode to nothing; every other call goes to the tokenizer."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    def decode(self, ids, *args, **kwargs):
+        ids = list(ids)
+        if any(i < 0 for i in ids):
+            ids = [i for i in ids if i >= 0]
+        return self._tok.decode(ids, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
 
 
 def _rope_type(mc) -> str:
@@ -66,13 +93,36 @@ def _check_model(model, cfg: MemoryConfig) -> None:
             "lower topk_blocks, local_tokens or prefill_chunk")
 
 
+def _resolve_compressor(model, compressor, tokenizer):
+    """``compressor=``: a ctxmem.Compressor on this model (or a copy of it), or a checkpoint name/folder."""
+    from ..compress.model import Compressor
+
+    owns = False
+    if isinstance(compressor, (str, os.PathLike)):
+        compressor = Compressor.from_pretrained(compressor, model=model, tokenizer=tokenizer)
+        owns = True
+    elif not isinstance(compressor, Compressor):
+        raise TypeError(f"ctxmem.wrap: compressor must be a ctxmem.Compressor or a checkpoint name/folder "
+                        f"(e.g. 'smollm2-r8'), got {type(compressor).__name__}")
+    if compressor.model is not model:
+        a, b = compressor.model.get_input_embeddings().weight, model.get_input_embeddings().weight
+        if a.shape != b.shape or not torch.equal(a.detach().cpu(), b.detach().to("cpu", a.dtype)):
+            raise ValueError("ctxmem.wrap: the compressor was built on a different base model than the one being "
+                             "wrapped (its input embeddings differ); load it with "
+                             "Compressor.from_pretrained(NAME, model=model, tokenizer=tok) or pass its name")
+    return compressor, owns
+
+
 def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=None,
-         knowledge=None, knowledge_budget: int = 1024, progress: bool = False):
+         knowledge=None, knowledge_budget: int = 1024, compressor=None, progress: bool = False):
     """Give ``model`` ctxmem working memory in place and return it.
 
     tokenizer / embedder: used by the "embed" block selector (defaults: the tokenizer that
     ``ctxmem.load_model`` attached, and ``config.embedder``). knowledge: a KB folder or a
-    ``KnowledgeIndex``; its hits for the prompt are read before the prompt (see README).
+    ``KnowledgeIndex``; its hits for the prompt are read before the prompt (see README), as text
+    (``knowledge_budget`` tokens) or, with ``compressor`` (a ``ctxmem.Compressor`` built on this
+    model, or a checkpoint name/folder loaded onto it), as summary tokens ``[BOS, summaries]``
+    (``knowledge_budget`` decoder positions, BOS included: about ``ratio`` times more text).
     progress: show a progress bar (tokens/s, ETA) while reading inputs longer than one chunk.
     """
     if getattr(model, "_ctxmem", None) is not None:
@@ -94,14 +144,19 @@ def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=
         embedder = None
     if knowledge is not None and tokenizer is None:
         raise ValueError("ctxmem.wrap: knowledge=... needs the tokenizer (pass tokenizer=...)")
+    if compressor is not None and knowledge is None:
+        raise ValueError("ctxmem.wrap: compressor=... compresses the knowledge index's hits; pass knowledge=KB too")
     if isinstance(knowledge, str) or hasattr(knowledge, "__fspath__"):
         from ..index import KnowledgeIndex
         knowledge = KnowledgeIndex.open(knowledge)
+    owns = False
+    if compressor is not None:
+        compressor, owns = _resolve_compressor(model, compressor, tokenizer)
 
     attention.register()
     state = WrapState(cfg=cfg, orig_attn=model.config._attn_implementation, tokenizer=tokenizer,
                       embedder=embedder, knowledge=knowledge, knowledge_budget=knowledge_budget,
-                      progress=progress)
+                      progress=progress, compressor=compressor, owns_compressor=owns)
     model.set_attn_implementation(attention.NAME)
     model.forward = _make_forward(model, state)
     model._ctxmem = state
@@ -116,14 +171,17 @@ def unwrap(model):
     del model.forward
     model.set_attn_implementation(state.orig_attn)
     del model._ctxmem
+    if state.owns_compressor:
+        state.compressor.remove_adapter()
     return model
 
 
 def new_cache(model) -> MemoryCache:
     """A fresh working memory for a wrapped model (``generate`` makes one by itself)."""
     state = model._ctxmem
+    tok = _TextView(state.tokenizer) if state.tokenizer is not None else None
     return MemoryCache(model.config.num_hidden_layers, state.cfg, model.model.rotary_emb.inv_freq,
-                       tokenizer=state.tokenizer, embedder=state.embedder)
+                       tokenizer=tok, embedder=state.embedder)
 
 
 def read_memory(model, input_ids: torch.Tensor, memory: MemoryCache | None = None,
@@ -141,6 +199,30 @@ def read_memory(model, input_ids: torch.Tensor, memory: MemoryCache | None = Non
     with torch.no_grad():
         out = model(input_ids, attention_mask=attention_mask, cache=memory, logits_to_keep=1)
     return out.cache
+
+
+def read_knowledge(model, queries: str | list[str], memory: MemoryCache | None = None) -> MemoryCache:
+    """Read the knowledge index's hits for each row's query into a fresh memory, as its hidden prefix.
+
+    What the wrapped forward does by itself before the first prompt (querying with the prompt's last
+    256 tokens), with the query chosen by the caller, e.g. the question alone. Continue with
+    ``model.generate(prompt_ids, cache=memory)``: the prompt is numbered from 0 as usual and reads
+    after the prefix. Needs ``wrap(model, knowledge=...)`` (and ``compressor=`` for summary tokens).
+    """
+    state = getattr(model, "_ctxmem", None)
+    if state is None:
+        raise ValueError("ctxmem.read_knowledge: the model is not wrapped (ctxmem.wrap(model, knowledge=...) first)")
+    if state.knowledge is None:
+        raise ValueError("ctxmem.read_knowledge: the model was wrapped without knowledge=KB")
+    queries = [queries] if isinstance(queries, str) else list(queries)
+    memory = memory if memory is not None else new_cache(model)
+    if memory.token_ids:
+        raise ValueError("ctxmem.read_knowledge: the memory already holds tokens; the knowledge prefix comes first")
+    with torch.no_grad():
+        state.read_knowledge(memory, queries, model.get_input_embeddings().weight.device, {})
+    if memory.hidden_prefix is None:  # no hits: an empty prefix (the forward will not look again)
+        memory.hidden_prefix = [0] * len(queries)
+    return memory
 
 
 def _chunk_bounds(L: int, chunk: int) -> list[tuple[int, int]]:
@@ -171,11 +253,12 @@ def _make_forward(model, state: WrapState):
     cfg = state.cfg
 
     def read(cache, input_ids, inputs_embeds, valid, *, question: bool, counted: bool, keep_all: bool,
-             keep: int, kwargs: dict, progress_desc: str | None = None):
+             keep: int, kwargs: dict, progress_desc: str | None = None, text_ids: torch.Tensor | None = None):
         """Feed tokens chunk by chunk through the model into ``cache``; return the kept logits.
 
         ``question``: the last chunk retrieves as a question (full topk, embedder votes).
         ``counted``: the tokens count in the HF-visible length (False for the hidden knowledge prefix).
+        ``text_ids``: with ``inputs_embeds``, the ids the memory records for them (default -1: no text).
         """
         x = input_ids if input_ids is not None else inputs_embeds
         L = x.shape[1]
@@ -188,8 +271,8 @@ def _make_forward(model, state: WrapState):
         parts = []
         for i, (s, e) in enumerate(bounds):
             last = i == len(bounds) - 1
-            cache.begin_chunk(None if input_ids is None else input_ids[:, s:e].cpu(), valid[:, s:e],
-                              question=question and last)
+            ids = input_ids if input_ids is not None else text_ids
+            cache.begin_chunk(None if ids is None else ids[:, s:e].cpu(), valid[:, s:e], question=question and last)
             inputs = dict(input_ids=input_ids[:, s:e]) if input_ids is not None else dict(inputs_embeds=inputs_embeds[:, s:e])
             with attention.active_memory(cache):
                 out = orig_forward(**inputs, attention_mask=None, position_ids=pos[:, s:e], cache=cache,
@@ -203,15 +286,15 @@ def _make_forward(model, state: WrapState):
             bar.close()
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
-    def read_knowledge(cache, input_ids, valid, kwargs):
-        """Before the first prompt: retrieve the KB's hits for each row and read them as a hidden prefix."""
+    def read_knowledge(cache, queries: list[str], device, kwargs):
+        """Before the first prompt: retrieve the KB's hits for each row's query and read them as a hidden prefix."""
         from ..index.augment import knowledge_context
 
+        if state.compressor is not None:
+            return read_knowledge_summaries(cache, queries, device, kwargs)
         tok = state.tokenizer
         rows = []
-        for b in range(input_ids.shape[0]):
-            real = input_ids[b][valid[b]].tolist()
-            query = tok.decode(real[-256:], skip_special_tokens=True)
+        for query in queries:
             text = knowledge_context(state.knowledge, query, tok, budget_tokens=state.knowledge_budget)
             rows.append(tok(text + "\n\n", add_special_tokens=False)["input_ids"] if text else [])
         P = max(len(r) for r in rows)
@@ -223,9 +306,45 @@ def _make_forward(model, state: WrapState):
             if r:
                 ids[b, P - len(r):] = torch.tensor(r)
                 pvalid[b, P - len(r):] = True
-        read(cache, ids.to(input_ids.device), None, pvalid, question=False, counted=False, keep_all=False,
+        read(cache, ids.to(device), None, pvalid, question=False, counted=False, keep_all=False,
              keep=1, kwargs=kwargs, progress_desc="ctxmem: reading knowledge")
         cache.hidden_prefix = [len(r) for r in rows]
+
+    def read_knowledge_summaries(cache, queries: list[str], device, kwargs):
+        """The hits as summary tokens: each row's prefix is ``comp.prefix(comp.compress(notes))`` =
+        ``[BOS, summaries]``, where ``notes`` is ``knowledge_context``'s text (same retrieval, dedup,
+        order and labels as the text path) within ``floor((budget - 1) / m) * n`` tokens, so the
+        prefix holds at most ``knowledge_budget`` positions. The memory records BOS as its id and
+        the summary positions as ``SUMMARY_ID`` (no text for the block selector)."""
+        from ..index.augment import knowledge_context
+
+        comp, tok = state.compressor, state.tokenizer
+        n, m = comp.config.segment_tokens, comp.config.slots
+        text_budget = max(0, (state.knowledge_budget - 1) // m) * n
+        rows = []
+        for query in queries:
+            text = knowledge_context(state.knowledge, query, tok, budget_tokens=text_budget) if text_budget else ""
+            ids = tok(text, add_special_tokens=False)["input_ids"] if text else []
+            rows.append(comp.prefix(comp.compress(ids))[0] if ids else None)
+        P = max((r.shape[0] for r in rows if r is not None), default=0)
+        if P == 0:
+            return
+        emb = model.get_input_embeddings().weight
+        x = torch.zeros(len(rows), P, emb.shape[1], dtype=emb.dtype, device=emb.device)
+        text_ids = torch.zeros(len(rows), P, dtype=torch.long)
+        pvalid = torch.zeros(len(rows), P, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            if r is not None:
+                k = r.shape[0]
+                x[b, P - k:] = r.to(emb.device, emb.dtype)
+                text_ids[b, P - k:] = SUMMARY_ID
+                text_ids[b, P - k] = comp.config.bos_id
+                pvalid[b, P - k:] = True
+        read(cache, None, x.to(device), pvalid, question=False, counted=False, keep_all=False, keep=1,
+             kwargs=kwargs, progress_desc="ctxmem: reading knowledge summaries", text_ids=text_ids)
+        cache.hidden_prefix = [0 if r is None else r.shape[0] for r in rows]
+
+    state.read_knowledge = read_knowledge
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
@@ -251,7 +370,8 @@ def _make_forward(model, state: WrapState):
                                  f"got {tuple(attention_mask.shape)}")
             valid = attention_mask[:, -L:].bool().cpu()
         had = cache.real_lengths() if cache.token_ids else [0] * B
-        _check_padding(valid, had)
+        # a hidden knowledge prefix alone does not forbid left padding of the prompt after it
+        _check_padding(valid, [h - o for h, o in zip(had, cache.hidden_prefix or [0] * B)])
         total = max(h + int(n) for h, n in zip(had, valid.sum(1)))
         if total > cfg.max_context:
             raise ValueError(f"ctxmem: context of {total} tokens exceeds MemoryConfig.max_context ({cfg.max_context})")
@@ -262,8 +382,11 @@ def _make_forward(model, state: WrapState):
             if not bool((position_ids.expand(B, -1).cpu()[valid] == pos[valid]).all()):
                 raise ValueError("ctxmem: position_ids must count each row's real tokens 0, 1, 2, ... "
                                  "(as generate does); leave them None and ctxmem numbers them")
-        if state.knowledge is not None and not cache.token_ids and input_ids is not None:
-            read_knowledge(cache, input_ids, valid, kwargs)
+        fresh = not cache.token_ids and cache.hidden_prefix is None  # (read_knowledge may have set an empty prefix)
+        if state.knowledge is not None and fresh and input_ids is not None:
+            tok = state.tokenizer
+            queries = [tok.decode(input_ids[b][valid[b]].tolist()[-256:], skip_special_tokens=True) for b in range(B)]
+            read_knowledge(cache, queries, input_ids.device, kwargs)
         keep = logits_to_keep
         keep_all = isinstance(keep, torch.Tensor) or labels is not None or keep == 0
         if not keep_all:
