@@ -250,6 +250,11 @@ def plot(result: dict, path: Path) -> None:
         pts = sorted((r["tokens"], r["peak_rss_mb"]) for r in rows if pick(r))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] / 1024 for p in pts], "o-", label=label)
+    for r in rows:  # a traced long read: RSS while it read, token by token
+        tr = (r.get("trace") or {}).get("rows") or []
+        if r["tokens"] >= 2**19 and len(tr) > 2:
+            ax.plot([max(t[1], 1) for t in tr], [t[2] / 1024 for t in tr], "-", lw=0.8, color="C1", alpha=0.7,
+                    label=f"RSS while reading {r['tokens'] / 2**20:.0f}M tokens ({r['config'].get('ram_budget')})")
     if store:
         ax.plot([store["tokens"]], [store["peak_rss_mb"] / 1024], "s", color="C2",
                 label=f"memory layer alone, ram_budget {store['config']['ram_budget']} (synthetic KV)")
