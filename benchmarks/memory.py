@@ -245,18 +245,22 @@ def plot(result: dict, path: Path) -> None:
     if not rows and not store:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label, pick in (("SmolLM2, all in RAM", lambda r: "ram_budget" not in r["config"]),
-                        ("SmolLM2, ram_budget", lambda r: "ram_budget" in r["config"])):
-        pts = sorted((r["tokens"], r["peak_rss_mb"]) for r in rows if pick(r))
+    from ctxmem.config import parse_bytes
+
+    budgets = sorted({r["config"]["ram_budget"] for r in rows if "ram_budget" in r["config"]}, key=parse_bytes)
+    groups = [("SmolLM2, all in RAM", None)] + [(f"SmolLM2, ram_budget {b}", b) for b in budgets]
+    for i, (label, budget) in enumerate(groups):
+        mine = [r for r in rows if r["config"].get("ram_budget") == budget]
+        pts = sorted((r["tokens"], r["peak_rss_mb"]) for r in mine)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] / 1024 for p in pts], "o-", label=label)
-    for r in rows:  # a traced long read: RSS while it read, token by token
-        tr = (r.get("trace") or {}).get("rows") or []
-        if r["tokens"] >= 2**19 and len(tr) > 2:
-            ax.plot([max(t[1], 1) for t in tr], [t[2] / 1024 for t in tr], "-", lw=0.8, color="C1", alpha=0.7,
-                    label=f"RSS while reading {r['tokens'] / 2**20:.0f}M tokens ({r['config'].get('ram_budget')})")
+            ax.plot([p[0] for p in pts], [p[1] / 1024 for p in pts], "o-", color=f"C{i}", label=label)
+        for r in mine:  # a traced long read: RSS while it read
+            tr = (r.get("trace") or {}).get("rows") or []
+            if r["tokens"] >= 2**19 and len(tr) > 2:
+                ax.plot([max(t[1], 1) for t in tr], [t[2] / 1024 for t in tr], "-", lw=0.8, color=f"C{i}",
+                        alpha=0.6, label=f"RSS while reading {r['tokens']:,} tokens")
     if store:
-        ax.plot([store["tokens"]], [store["peak_rss_mb"] / 1024], "s", color="C2",
+        ax.plot([store["tokens"]], [store["peak_rss_mb"] / 1024], "s", color="black",
                 label=f"memory layer alone, ram_budget {store['config']['ram_budget']} (synthetic KV)")
     xs = [2**k for k in range(12, 21)]
     ax.plot(xs, [x * 46080 / 2**30 for x in xs], ":", color="gray", label="fp32 KV of SmolLM2 (46 KB/token)")
