@@ -30,9 +30,10 @@ def block_scores_half(qbar: torch.Tensor, reps: torch.Tensor, scaling: float, bi
 
     Converting a layer's fp16 reps to fp32 on every call costs ~8x the dot products themselves
     (at 1M tokens: 0.55 s per chunk over 30 layers, vs 0.07 s this way). The query is scaled
-    first so the products are attention logits (far inside fp16's range); the result differs
-    from the reference only by rounding each score to fp16 (relative 5e-4, the reps' own
-    precision). fp32 reps go through the reference unchanged.
+    first so the products are attention logits (far inside fp16's range); products accumulate
+    in fp32, so the result differs from the reference only by rounding the query and each score
+    to fp16 (2^-11 relative, the reps' own precision; bounds tested in test_memory_tiers.py).
+    fp32 reps go through the reference unchanged.
     """
     if reps.dtype == torch.float32:
         return block_scores_ref(qbar, reps, scaling, bias)
