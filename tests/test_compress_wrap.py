@@ -155,9 +155,8 @@ def test_embed_selector_still_votes_after_a_summary_prefix(tok, kb):
     P = mem.hidden_prefix[0]
     assert P > cfg.sink_tokens + 2 * cfg.block_size  # the summaries fill whole middle blocks
     # summary positions have no text for the selector; the prompt's blocks keep theirs
-    view = mem.text_index.tokenizer
-    assert view.decode(mem.token_ids[0][1:P]) == ""
-    assert view.decode(mem.token_ids[0][P:]) == tok.decode(prompt)
+    assert mem.text_index.text(mem.token_ids[0][1:P]) == ""
+    assert mem.text_index.text(mem.token_ids[0][P:]) == tok.decode(prompt)
     # the question chunk got the embedder's votes (a row led by summaries is not "no text"),
     # and the top vote is the needle's block
     assert mem.bias is not None

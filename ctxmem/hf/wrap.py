@@ -47,26 +47,6 @@ class WrapState:
     read_knowledge: Any = None  # (cache, queries, device, kwargs) -> None, set by _make_forward
 
 
-class _TextView:
-    """The tokenizer as the block selector sees a memory's token ids: placeholders (negative ids:
-    summary tokens, inputs_embeds) decode to nothing; every other call goes to the tokenizer."""
-
-    def __init__(self, tokenizer):
-        self._tok = tokenizer
-
-    def decode(self, ids, *args, **kwargs):
-        ids = list(ids)
-        if any(i < 0 for i in ids):
-            ids = [i for i in ids if i >= 0]
-        return self._tok.decode(ids, *args, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        return self._tok(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-
 def _rope_type(mc) -> str:
     params = getattr(mc, "rope_parameters", None) or getattr(mc, "rope_scaling", None) or {}
     return params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
@@ -179,9 +159,8 @@ def unwrap(model):
 def new_cache(model) -> MemoryCache:
     """A fresh working memory for a wrapped model (``generate`` makes one by itself)."""
     state = model._ctxmem
-    tok = _TextView(state.tokenizer) if state.tokenizer is not None else None
     return MemoryCache(model.config.num_hidden_layers, state.cfg, model.model.rotary_emb.inv_freq,
-                       tokenizer=tok, embedder=state.embedder)
+                       tokenizer=state.tokenizer, embedder=state.embedder)
 
 
 def read_memory(model, input_ids: torch.Tensor, memory: MemoryCache | None = None,

@@ -22,6 +22,11 @@ class BlockTextIndex:
         self.batch_size = batch_size
         self.rows: dict[int, torch.Tensor] = {}  # row -> [n_blocks, dim] unit vectors
 
+    def text(self, ids: list[int]) -> str:
+        """The text of stored ids. Negative ids are placeholders without text (-1: a row fed as
+        inputs_embeds, ``SUMMARY_ID``: a compressor's summary token) and decode to nothing."""
+        return self.tokenizer.decode([i for i in ids if i >= 0])
+
     def _encode(self, texts: list[str]) -> torch.Tensor:
         from ..index.embed import encode
 
@@ -34,7 +39,7 @@ class BlockTextIndex:
         have = self.rows.get(row)
         n0 = 0 if have is None else have.shape[0]
         if nblocks > n0:
-            texts = [self.tokenizer.decode(ids[sink + j * S: sink + (j + 1) * S]) for j in range(n0, nblocks)]
+            texts = [self.text(ids[sink + j * S: sink + (j + 1) * S]) for j in range(n0, nblocks)]
             if len(texts) < _BAR_BLOCKS:
                 new = self._encode(texts)
             else:
@@ -55,7 +60,7 @@ class BlockTextIndex:
              hits: int, neighbors: int) -> torch.Tensor:
         """Bias [nmid]: +1e4 + similarity on the top ``hits`` blocks and their neighbours, 0 elsewhere."""
         emb = self.ensure(row, ids, nmid, sink, S)
-        query = self.tokenizer.decode(ids[-query_tokens:])
+        query = self.text(ids[-query_tokens:])
         sims = emb @ self._encode([query])[0]
         bias = torch.zeros(nmid)
         for j in torch.argsort(sims, descending=True)[:hits].tolist():
