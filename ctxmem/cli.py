@@ -24,10 +24,13 @@ def _parse_overrides(pairs: list[str]) -> dict:
         if val.lower() == "none":
             out[key] = None
         else:
-            try:
-                out[key] = int(val)
-            except ValueError:
-                out[key] = val
+            casts = (int, float, str) if "float" in str(fields[key].type) else (int, str)
+            for cast in casts:
+                try:
+                    out[key] = cast(val)
+                    break
+                except ValueError:
+                    pass
     return out
 
 

@@ -50,6 +50,10 @@ class MemoryConfig:
                     scores only), "auto" (embed when a tokenizer is known, else keys)
     embed_hits      blocks the embedder picks for each question / decode step ...
     embed_neighbors ... each bringing this many neighbours on either side
+    embed_margin    None: the question attends the embedder's top ``embed_hits`` blocks (with
+                    neighbours) and key-scored blocks up to ``topk_blocks``. A number: only the hits
+                    whose similarity is within this margin of the best hit, and no key-scored fill
+                    (a small model reads a few relevant blocks better than many; see README)
     query_tokens    the last N tokens form the embedder's query text
     prefill_topk    blocks retrieved by key scores while reading the body of a long input
                     (None = topk_blocks; 0 = sinks + local window only, StreamingLLM-style)
@@ -73,6 +77,7 @@ class MemoryConfig:
     selector: str = "auto"
     embed_hits: int = 3
     embed_neighbors: int = 1
+    embed_margin: float | None = None
     query_tokens: int = 48
     prefill_topk: int | None = None
     max_context: int = 2_000_000
@@ -100,6 +105,10 @@ class MemoryConfig:
         if self.prefill_topk is not None:
             need(isinstance(self.prefill_topk, int) and self.prefill_topk >= 0,
                  f"prefill_topk must be None or a non-negative integer, got {self.prefill_topk!r}")
+        if self.embed_margin is not None:
+            m = self.embed_margin
+            need(isinstance(m, (int, float)) and not isinstance(m, bool) and m == m and m >= 0,
+                 f"embed_margin must be None or a non-negative number, got {m!r}")
         need(self.block_size % self.reps_per_block == 0,
              f"reps_per_block ({self.reps_per_block}) must divide block_size ({self.block_size})")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")

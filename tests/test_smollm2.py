@@ -54,6 +54,33 @@ def test_embedder_votes_for_the_needle_block(smollm2):
             assert holding & set(head), (holding, head)
 
 
+def test_embed_margin_narrows_the_question_to_the_needle(smollm2):
+    """With a margin, the question attends only the blocks the embedder singled out (here the
+    needle's one or two blocks, whose similarity stands well clear of the filler's), not topk."""
+    model, tok = smollm2
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    body = filler * 20 + "The pass key is 48213. Remember it. 48213 is the pass key. " + filler * 20
+    ids = tok(body + "What is the pass key?", add_special_tokens=False)["input_ids"]
+    cfg = ctxmem.MemoryConfig(block_size=32, topk_blocks=6, sink_tokens=16, local_tokens=64, prefill_chunk=64,
+                              embed_hits=3, embed_neighbors=0, embed_margin=0.05, query_tokens=12)
+    ctxmem.wrap(model, cfg, tokenizer=tok)
+    try:
+        cache = ctxmem.new_cache(model)
+        cache.record_selection = True
+        model(torch.tensor([ids]), cache=cache)
+    finally:
+        ctxmem.unwrap(model)
+    S, sink = cfg.block_size, cfg.sink_tokens
+    holding = {j for j in range((len(ids) - sink) // S)
+               if "48213" in tok.decode(ids[sink + j * S: sink + (j + 1) * S]).replace(" ", "")}
+    voted = {j for j, x in enumerate(cache.bias[0].tolist()) if x > 0}
+    assert voted & holding and len(voted) < cfg.topk_blocks, (voted, holding)
+    assert cache.topk == len(voted)  # no key-scored fill
+    for sel in cache.last_selection.values():
+        for head in sel[0].tolist():
+            assert set(head) == voted, (voted, head)
+
+
 def test_cli_ask_json(tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("Paris is the capital of France. " * 40)

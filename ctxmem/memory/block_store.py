@@ -205,29 +205,35 @@ class MemoryCache(Cache):
         self.topk = self.cfg.topk_blocks if question else self.cfg.body_topk
         self.bias = None
         if question and self.text_index is not None and self.topk > 0:
-            self.bias = self._embedder_bias(t_before)
+            self.bias, voted = self._embedder_bias(t_before)
+            if self.cfg.embed_margin is not None and voted:
+                # attend only the blocks the embedder chose (the widest row's count), no key-scored fill
+                self.topk = min(self.topk, voted)
 
     def end_chunk(self, fed: int) -> None:
         self.seen += fed
 
-    def _embedder_bias(self, t_before: list[int]) -> torch.Tensor | None:
+    def _embedder_bias(self, t_before: list[int]) -> tuple[torch.Tensor | None, int]:
+        """(bias [B, nb] or None, blocks voted in the widest row; 0 when some row got no vote)."""
         cfg = self.cfg
         probe = self.op_params(1.0)
-        rows = []
+        rows, voted = [], []
         for b, t in enumerate(t_before):
             nmid = middle_blocks(t, probe)
             if nmid <= self.topk or -1 in self.token_ids[b][:1]:
                 rows.append(None)  # everything fits, or no text (inputs_embeds): nothing to vote on
                 continue
-            rows.append(self.text_index.vote(
-                b, self.token_ids[b], nmid, cfg.sink_tokens, cfg.block_size,
-                query_tokens=cfg.query_tokens, hits=cfg.embed_hits, neighbors=cfg.embed_neighbors))
+            bias, n = self.text_index.vote(
+                b, self.token_ids[b], nmid, cfg.sink_tokens, cfg.block_size, query_tokens=cfg.query_tokens,
+                hits=cfg.embed_hits, neighbors=cfg.embed_neighbors, margin=cfg.embed_margin)
+            rows.append(bias)
+            voted.append(n)
         if all(r is None for r in rows):
-            return None
+            return None, 0
         nb = max(len(r) for r in rows if r is not None)
         bias = torch.zeros(len(rows), nb)
         for b, r in enumerate(rows):
             if r is not None:
                 bias[b, : len(r)] = r
-        return bias
-
+        # a row that did not vote keeps the full topk (it may need every block it has)
+        return bias, (max(voted) if len(voted) == len(rows) else 0)

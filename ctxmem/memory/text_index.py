@@ -57,13 +57,19 @@ class BlockTextIndex:
         return have[:nblocks]
 
     def vote(self, row: int, ids: list[int], nmid: int, sink: int, S: int, *, query_tokens: int,
-             hits: int, neighbors: int) -> torch.Tensor:
-        """Bias [nmid]: +1e4 + similarity on the top ``hits`` blocks and their neighbours, 0 elsewhere."""
+             hits: int, neighbors: int, margin: float | None = None) -> tuple[torch.Tensor, int]:
+        """(bias [nmid], blocks voted): +1e4 + similarity on the top ``hits`` blocks and their
+        neighbours, 0 elsewhere. With ``margin``, a hit whose similarity trails the best one by
+        more than ``margin`` is dropped (the best one always stays)."""
         emb = self.ensure(row, ids, nmid, sink, S)
         query = self.text(ids[-query_tokens:])
         sims = emb @ self._encode([query])[0]
         bias = torch.zeros(nmid)
-        for j in torch.argsort(sims, descending=True)[:hits].tolist():
+        order = torch.argsort(sims, descending=True)[:hits].tolist()
+        if margin is not None and order:
+            floor = float(sims[order[0]]) - margin
+            order = [j for j in order if float(sims[j]) >= floor]
+        for j in order:
             for n in range(max(0, j - neighbors), min(nmid, j + neighbors + 1)):
                 bias[n] = max(float(bias[n]), _FORCED + float(sims[n]))
-        return bias
+        return bias, int((bias > 0).sum())
