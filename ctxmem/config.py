@@ -77,7 +77,7 @@ class MemoryConfig:
     selector: str = "auto"
     embed_hits: int = 3
     embed_neighbors: int = 1
-    embed_margin: float | None = None
+    embed_margin: float | None = 0.1
     query_tokens: int = 48
     prefill_topk: int | None = None
     max_context: int = 2_000_000

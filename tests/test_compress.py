@@ -14,7 +14,7 @@ from conftest import tiny_model
 
 pytest.importorskip("peft")
 
-from ctxmem.compress.model import CONFIG_FILE, WEIGHTS_FILE, Compressor, CompressorConfig, CompressorError  # noqa: E402
+from ctxmem.compress.model import BUNDLED_DIR, CONFIG_FILE, WEIGHTS_FILE, Compressor, CompressorConfig, CompressorError  # noqa: E402
 from ctxmem.compress.train import TrainConfig, compressor_losses, train  # noqa: E402
 
 N, RATIO = 8, 4  # segment tokens, ratio -> 2 slots
@@ -285,3 +285,14 @@ def test_anchor_last_is_truncation_plus_residual():
     assert not torch.allclose(comp.compress(ids), want)
     with pytest.raises(CompressorError, match="anchor"):
         CompressorConfig(anchor="first")
+
+
+@pytest.mark.parametrize("name", sorted(d.name for d in BUNDLED_DIR.iterdir() if (d / "compressor.json").is_file()))
+def test_bundled_checkpoints_are_intact_and_named_for_their_ratio(name):
+    """Every shipped checkpoint reads back (checksum verified), is the ratio its name says, and
+    records the command that trained it."""
+    doc, state, _ = Compressor.read_checkpoint(name)
+    cfg = CompressorConfig.from_dict(doc["config"], where=name)
+    assert name == f"{cfg.base_model}-r{cfg.ratio}"
+    assert doc["meta"]["command"].startswith("ctxmem compressor train") and f"--ratio {cfg.ratio}" in doc["meta"]["command"]
+    assert state and all(t.dtype == torch.float16 for t in state.values())
