@@ -53,7 +53,8 @@ class MemoryConfig:
     embed_margin    None: the question attends the embedder's top ``embed_hits`` blocks (with
                     neighbours) and key-scored blocks up to ``topk_blocks``. A number: only the hits
                     whose similarity is within this margin of the best hit, and no key-scored fill
-                    (a small model reads a few relevant blocks better than many; see README)
+                    (a small model reads a few relevant blocks better than many; see README).
+                    In a batch, every row attends as many blocks as the row with the most hits.
     query_tokens    the last N tokens form the embedder's query text
     prefill_topk    blocks retrieved by key scores while reading the body of a long input
                     (None = topk_blocks; 0 = sinks + local window only, StreamingLLM-style)

@@ -41,8 +41,8 @@ def expected(sims, hits, neighbors, margin):
 @given(st.lists(st.integers(-1000, 1000), min_size=1, max_size=40, unique=True),
        st.integers(0, 5), st.integers(0, 3), st.one_of(st.none(), st.integers(0, 2000)))
 def test_vote_keeps_hits_within_margin_and_counts_them(raw, hits, neighbors, margin):
-    sims = [x / 1000 for x in raw]  # distinct, so the order has no ties
-    m = None if margin is None else margin / 1000
+    sims = [x / 1024 for x in raw]  # distinct (no ties) and exact in fp32, as is every difference
+    m = None if margin is None else margin / 1024
     idx = FixedIndex(sims)
     bias, n = idx.vote(0, [0] * 8, len(sims), 0, 4, query_tokens=8, hits=hits, neighbors=neighbors, margin=m)
     want = expected(sims, hits, neighbors, m)
