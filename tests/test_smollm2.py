@@ -30,13 +30,15 @@ def test_wrapped_equals_stock_when_budget_covers_context(smollm2):
     assert torch.equal(out, ref)
 
 
-def test_embedder_votes_for_the_needle_block(smollm2):
+def _question_selection(smollm2, **cfg_kw):
+    """Read a filler passage with one needle and a question; return (cache, config, the blocks
+    that hold the needle). ``cache.last_selection`` is the question chunk's per-layer selection."""
     model, tok = smollm2
     filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
     body = filler * 20 + "The pass key is 48213. Remember it. 48213 is the pass key. " + filler * 20
     ids = tok(body + "What is the pass key?", add_special_tokens=False)["input_ids"]
-    cfg = ctxmem.MemoryConfig(block_size=32, topk_blocks=2, sink_tokens=16, local_tokens=64, prefill_chunk=64,
-                              embed_hits=1, embed_neighbors=0, query_tokens=12)
+    cfg = ctxmem.MemoryConfig(block_size=32, sink_tokens=16, local_tokens=64, prefill_chunk=64, embed_neighbors=0,
+                              query_tokens=12, **cfg_kw)
     ctxmem.wrap(model, cfg, tokenizer=tok)
     try:
         cache = ctxmem.new_cache(model)
@@ -48,6 +50,11 @@ def test_embedder_votes_for_the_needle_block(smollm2):
     holding = {j for j in range((len(ids) - sink) // S)
                if "48213" in tok.decode(ids[sink + j * S: sink + (j + 1) * S]).replace(" ", "")}
     assert holding
+    return cache, cfg, holding
+
+
+def test_embedder_votes_for_the_needle_block(smollm2):
+    cache, _, holding = _question_selection(smollm2, topk_blocks=2, embed_hits=1, embed_margin=None)
     # every layer and head attends a block holding the needle during the question chunk
     for sel in cache.last_selection.values():
         for head in sel[0].tolist():
@@ -57,22 +64,7 @@ def test_embedder_votes_for_the_needle_block(smollm2):
 def test_embed_margin_narrows_the_question_to_the_needle(smollm2):
     """With a margin, the question attends only the blocks the embedder singled out (here the
     needle's one or two blocks, whose similarity stands well clear of the filler's), not topk."""
-    model, tok = smollm2
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    body = filler * 20 + "The pass key is 48213. Remember it. 48213 is the pass key. " + filler * 20
-    ids = tok(body + "What is the pass key?", add_special_tokens=False)["input_ids"]
-    cfg = ctxmem.MemoryConfig(block_size=32, topk_blocks=6, sink_tokens=16, local_tokens=64, prefill_chunk=64,
-                              embed_hits=3, embed_neighbors=0, embed_margin=0.05, query_tokens=12)
-    ctxmem.wrap(model, cfg, tokenizer=tok)
-    try:
-        cache = ctxmem.new_cache(model)
-        cache.record_selection = True
-        model(torch.tensor([ids]), cache=cache)
-    finally:
-        ctxmem.unwrap(model)
-    S, sink = cfg.block_size, cfg.sink_tokens
-    holding = {j for j in range((len(ids) - sink) // S)
-               if "48213" in tok.decode(ids[sink + j * S: sink + (j + 1) * S]).replace(" ", "")}
+    cache, cfg, holding = _question_selection(smollm2, topk_blocks=6, embed_hits=3, embed_margin=0.05)
     voted = {j for j, x in enumerate(cache.bias[0].tolist()) if x > 0}
     assert voted & holding and len(voted) < cfg.topk_blocks, (voted, holding)
     assert cache.topk == len(voted)  # no key-scored fill
