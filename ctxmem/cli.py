@@ -58,16 +58,13 @@ def cmd_ask(args) -> int:
     model, tok = load_model(args.model)
     knowledge_text = None
     kb = None
-    if args.knowledge and args.compressor:
-        from .index import KnowledgeIndex
-
-        kb = KnowledgeIndex.open(args.knowledge)  # read as summary tokens by the wrapper, below
-    elif args.knowledge:
+    if args.knowledge:
         from .index import KnowledgeIndex
         from .index.augment import knowledge_context
 
         kb = KnowledgeIndex.open(args.knowledge)
-        knowledge_text = knowledge_context(kb, args.question, tok, budget_tokens=args.knowledge_budget)
+        if not args.compressor:  # with a compressor the wrapper reads the hits as summary tokens, below
+            knowledge_text = knowledge_context(kb, args.question, tok, budget_tokens=args.knowledge_budget)
     overrides = _parse_overrides(args.set)
     if args.ram_budget is not None:
         overrides["ram_budget"] = args.ram_budget
