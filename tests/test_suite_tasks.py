@@ -67,6 +67,17 @@ def test_single_needle_once_at_depth(tok, frame, kind, depth):
         assert re.fullmatch(r"\d{7}", smp.answers[0])
 
 
+@pytest.mark.parametrize("task", ["niah_single", "niah_multivalue"])
+@pytest.mark.parametrize("kind", ["numbers", "words", "uuids"])
+def test_answer_budget_fits_the_answer(tok, frame, task, kind):
+    """The generation budget must hold every expected value written as the model writes a list
+    (':\n\n- value' per value): a uuid is up to 36 tokens here, so 32 could never score."""
+    for seed in range(5):
+        smp = getattr(ruler, task)(tok, 2048, seed=seed, kind=kind, frame=frame)
+        listing = ":\n\n" + "".join(f"- {v}\n" for v in smp.answers)
+        assert len(tok(listing, add_special_tokens=False)["input_ids"]) <= smp.max_new_tokens, (kind, smp.answers)
+
+
 def test_essay_haystack(tok, frame):
     smp = ruler.niah_single(tok, 8192, depth=0.3, seed=2, haystack="essay", frame=frame)
     assert len(smp.ids) == 8192

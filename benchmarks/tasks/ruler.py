@@ -149,7 +149,7 @@ def _niah(tok, length: int, depth: float, seed: int, *, task: str, kind: str, n_
     assert len(ids) == length, (len(ids), length)
     spans = [(s + off, e + off) for s, e in spans]
     return Sample(haystack_span=hay_span, task=task, length=length, depth=depth, seed=seed, ids=ids, answers=values, question=question,
-                  context=tok.decode(hay), max_new_tokens=(32 if kind == "uuids" else 16) * n_values,
+                  context=tok.decode(hay), max_new_tokens=(48 if kind == "uuids" else 16) * n_values,  # a uuid is up to 36 tokens
                   needle_spans=spans,
                   meta=dict(kind=kind, key=key, haystack=haystack, distractors=dict(zip(keys[1:], distractor_values)),
                             depths=depths))
