@@ -58,6 +58,9 @@ class MemoryConfig:
     query_tokens    the last N tokens form the embedder's query text
     prefill_topk    blocks retrieved by key scores while reading the body of a long input
                     (None = topk_blocks; 0 = sinks + local window only, StreamingLLM-style)
+    prefill_local   local window while reading the body (None = local_tokens). Question and
+                    decode steps keep local_tokens. prefill_topk=0 with prefill_local=640 reads
+                    the body at the default's budget with lower perplexity (README, "Reading the body")
     max_context     refuse inputs longer than this many tokens (clear error, not an OOM)
     embedder        sentence-transformers id/path for the embed selector ("minilm" = bundled)
     ram_budget      None = keep every block in RAM (fastest). Else bytes (int, or "512MB", "2GB")
@@ -81,6 +84,7 @@ class MemoryConfig:
     embed_margin: float | None = 0.1
     query_tokens: int = 48
     prefill_topk: int | None = None
+    prefill_local: int | None = None
     max_context: int = 2_000_000
     embedder: str = "minilm"
     ram_budget: int | str | None = None
@@ -103,9 +107,13 @@ class MemoryConfig:
             val = getattr(self, name)
             need(isinstance(val, int) and not isinstance(val, bool) and val >= 0,
                  f"{name} must be a non-negative integer, got {val!r}")
-        if self.prefill_topk is not None:
-            need(isinstance(self.prefill_topk, int) and self.prefill_topk >= 0,
-                 f"prefill_topk must be None or a non-negative integer, got {self.prefill_topk!r}")
+        for name in ("prefill_topk", "prefill_local"):
+            val = getattr(self, name)
+            need(val is None or (isinstance(val, int) and not isinstance(val, bool) and val >= 0),
+                 f"{name} must be None or a non-negative integer, got {val!r}")
+        # the bounded-RAM tier spills blocks by one fixed local window; two windows are not wired there yet
+        need(self.ram_budget is None or self.body_local == self.local_tokens,
+             "prefill_local (a body window other than local_tokens) does not work with ram_budget yet")
         if self.embed_margin is not None:
             m = self.embed_margin
             need(isinstance(m, (int, float)) and not isinstance(m, bool) and m == m and m >= 0,
@@ -129,10 +137,15 @@ class MemoryConfig:
     def body_topk(self) -> int:
         return self.topk_blocks if self.prefill_topk is None else self.prefill_topk
 
+    @property
+    def body_local(self) -> int:
+        return self.local_tokens if self.prefill_local is None else self.prefill_local
+
     def span(self) -> int:
         """Largest query-key distance (in positions) ctxmem can present to the model."""
-        k = max(self.topk_blocks, self.body_topk)
-        return self.sink_tokens + k * self.block_size + self.local_tokens + self.block_size + self.prefill_chunk
+        reach = max(self.topk_blocks * self.block_size + self.local_tokens,  # question and decode steps
+                    self.body_topk * self.block_size + self.body_local)  # body chunks
+        return self.sink_tokens + reach + self.block_size + self.prefill_chunk
 
     def to_dict(self) -> dict:
         return asdict(self)

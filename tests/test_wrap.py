@@ -101,6 +101,38 @@ def test_partial_budget_keeps_attention_span_inside_window():
     assert out.shape == (1, 643)
 
 
+def test_prefill_local_widens_only_the_body():
+    """Body chunks read with prefill_topk blocks and a prefill_local window; the question chunk (the
+    last prefill_chunk tokens) keeps topk_blocks and local_tokens. With a body window covering the
+    whole input, every body token's logits equal the stock model's; the question's do not."""
+    model = tiny_model("llama", seed=13)
+    ids = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(6))
+    ref = model(ids).logits
+    kw = dict(block_size=8, topk_blocks=1, sink_tokens=4, local_tokens=16, prefill_chunk=24, selector="keys",
+              prefill_topk=0)
+    outs = {}
+    for name, extra in [("wide", dict(prefill_local=200)), ("same", dict(prefill_local=16)), ("none", {})]:
+        ctxmem.wrap(model, ctxmem.MemoryConfig(**kw, **extra))
+        try:
+            outs[name] = model(ids).logits
+        finally:
+            ctxmem.unwrap(model)
+    body, question = slice(0, 150 - 24), slice(150 - 24, 150)
+    assert (outs["wide"][:, body] - ref[:, body]).abs().max().item() <= 1e-4
+    assert (outs["wide"][:, question] - ref[:, question]).abs().max().item() > 1e-3
+    assert (outs["none"][:, body] - ref[:, body]).abs().max().item() > 1e-3  # the narrow window really differs
+    assert torch.equal(outs["same"], outs["none"])  # prefill_local == local_tokens is the old behaviour
+
+
+def test_prefill_local_counts_toward_the_window():
+    model = tiny_model("llama", window=64)
+    cfg = dict(block_size=8, topk_blocks=2, sink_tokens=4, local_tokens=16, prefill_chunk=16, selector="keys")
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**cfg, prefill_topk=0, prefill_local=32))  # 4 + 32 + 8 + 16 = 60
+    ctxmem.unwrap(model)
+    with pytest.raises(ValueError, match="prefill_local"):
+        ctxmem.wrap(model, ctxmem.MemoryConfig(**cfg, prefill_topk=0, prefill_local=40))  # 68 > 64
+
+
 def test_memory_cache_is_returned_and_reused():
     model = tiny_model("llama")
     ctxmem.wrap(model, full_budget())
@@ -123,6 +155,9 @@ def test_memory_cache_is_returned_and_reused():
     (dict(block_size=64, reps_per_block=3), "reps_per_block"),
     (dict(backend="gpu"), "backend"),
     (dict(selector="magic"), "selector"),
+    (dict(prefill_local=-1), "prefill_local"),
+    (dict(prefill_local=True), "prefill_local"),
+    (dict(prefill_local=256, ram_budget="1GB"), "prefill_local"),
     (dict(block_size=1.5), "block_size"),
 ])
 def test_bad_config_names_the_problem(kw, msg):

@@ -70,7 +70,7 @@ def _check_model(model, cfg: MemoryConfig) -> None:
         raise ValueError(
             f"ctxmem.wrap: this MemoryConfig lets a query see keys up to {cfg.span()} positions back "
             f"(sink + topk*block + local + block + chunk), past the model's trained window ({window}); "
-            "lower topk_blocks, local_tokens or prefill_chunk")
+            "lower topk_blocks, local_tokens, prefill_topk, prefill_local or prefill_chunk")
 
 
 def _resolve_compressor(model, compressor, tokenizer):

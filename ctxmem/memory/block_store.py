@@ -139,6 +139,7 @@ class MemoryCache(Cache):
         self.n_new = torch.zeros(0, dtype=torch.long)
         self.bias: torch.Tensor | None = None
         self.topk = cfg.topk_blocks
+        self.local = cfg.local_tokens
         self.text_index = BlockTextIndex(tokenizer, embedder) if (tokenizer is not None and embedder is not None) else None
         self.last_selection: dict[int, torch.Tensor] = {}
         self.record_selection = False
@@ -182,14 +183,14 @@ class MemoryCache(Cache):
 
     def op_params(self, scaling: float) -> OpParams:
         c = self.cfg
-        return OpParams(c.block_size, self.topk, c.sink_tokens, c.local_tokens, float(scaling))
+        return OpParams(c.block_size, self.topk, c.sink_tokens, self.local, float(scaling))
 
     def begin_chunk(self, ids: torch.Tensor | None, valid: torch.Tensor, question: bool) -> None:
         """Record the chunk's real tokens and choose this chunk's retrieval mode.
 
         ``question`` chunks (the end of the prompt, and every decode step) retrieve with the full
         ``topk_blocks`` and, when the embed selector is on, the embedder's votes; body chunks use
-        ``prefill_topk`` key-scored blocks.
+        ``prefill_topk`` key-scored blocks and a local window of ``prefill_local`` tokens.
         """
         B, C = valid.shape
         if not self.token_ids:
@@ -203,6 +204,7 @@ class MemoryCache(Cache):
             if n:
                 self.token_ids[b].extend(ids[b, C - n:].tolist() if ids is not None else [-1] * n)
         self.topk = self.cfg.topk_blocks if question else self.cfg.body_topk
+        self.local = self.cfg.local_tokens if question else self.cfg.body_local
         self.bias = None
         if question and self.text_index is not None and self.topk > 0:
             self.bias, voted = self._embedder_bias(t_before)
