@@ -59,8 +59,8 @@ class MemoryConfig:
     prefill_topk    blocks retrieved by key scores while reading the body of a long input
                     (None = topk_blocks; 0 = sinks + local window only, StreamingLLM-style)
     prefill_local   local window while reading the body (None = local_tokens). Question and
-                    decode steps keep local_tokens. prefill_topk=0 with prefill_local=640 reads
-                    the body at the default's budget with lower perplexity (README, "Reading the body")
+                    decode steps keep local_tokens. prefill_topk=0 with prefill_local=640 spends the
+                    default's budget on recent tokens instead; no consistent gain yet (README, MemoryConfig)
     max_context     refuse inputs longer than this many tokens (clear error, not an OOM)
     embedder        sentence-transformers id/path for the embed selector ("minilm" = bundled)
     ram_budget      None = keep every block in RAM (fastest). Else bytes (int, or "512MB", "2GB")
