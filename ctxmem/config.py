@@ -99,18 +99,18 @@ class MemoryConfig:
             if not cond:
                 raise ValueError(f"MemoryConfig: {msg}")
 
+        def whole(val, least: int) -> bool:  # an int (not a bool) of at least ``least``
+            return isinstance(val, int) and not isinstance(val, bool) and val >= least
+
         for name in ("block_size", "prefill_chunk", "reps_per_block", "query_tokens", "max_context"):
             val = getattr(self, name)
-            need(isinstance(val, int) and not isinstance(val, bool) and val >= 1,
-                 f"{name} must be a positive integer, got {val!r}")
+            need(whole(val, 1), f"{name} must be a positive integer, got {val!r}")
         for name in ("topk_blocks", "sink_tokens", "local_tokens", "embed_hits", "embed_neighbors"):
             val = getattr(self, name)
-            need(isinstance(val, int) and not isinstance(val, bool) and val >= 0,
-                 f"{name} must be a non-negative integer, got {val!r}")
+            need(whole(val, 0), f"{name} must be a non-negative integer, got {val!r}")
         for name in ("prefill_topk", "prefill_local"):
             val = getattr(self, name)
-            need(val is None or (isinstance(val, int) and not isinstance(val, bool) and val >= 0),
-                 f"{name} must be None or a non-negative integer, got {val!r}")
+            need(val is None or whole(val, 0), f"{name} must be None or a non-negative integer, got {val!r}")
         # the bounded-RAM tier spills blocks by one fixed local window; two windows are not wired there yet
         need(self.ram_budget is None or self.body_local == self.local_tokens,
              "prefill_local (a body window other than local_tokens) does not work with ram_budget yet")
