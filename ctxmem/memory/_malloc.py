@@ -29,3 +29,17 @@ def pin_malloc_thresholds(nbytes: int = 128 * 1024) -> bool:
     ok = bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(mallopt(_M_TRIM_THRESHOLD, nbytes))
     _done = ok
     return ok
+
+
+def release_free_memory() -> bool:
+    """Collect garbage and hand glibc's free heap pages back to the OS (``malloc_trim(0)``), so the
+    RSS measured next is what is live now, not the high-water mark of earlier work. Returns True
+    when glibc did it (a no-op elsewhere)."""
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
