@@ -35,7 +35,7 @@ Numerics: everything accumulates in fp32; re-rotated keys stay in fp32 (the refe
 to the storage dtype, so bf16 results differ by a bf16 rounding of moved keys, well inside bf16
 tolerance). Selection scores are accumulated in fp64 then rounded, ties go to the lower block
 index (as the reference). Inputs must be finite (``fastmath``); NaN/inf in q/k/v give garbage,
-not NaN. Calls from several Python threads are safe but take turns (one lock, see ``_LAUNCH``).
+not NaN. The kernels are not meant to be called from several Python threads at once.
 
 Compilation: ``cache=True``, so only the first process on a machine compiles (~40 s for all four
 specialisations, decode/prefill x fp32/bf16, on this 2-core machine); later processes load the
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 
 import numba
 import numpy as np
@@ -66,15 +65,6 @@ TQ_ROWS = 48               # query rows (positions x group heads) per prefill ta
 MR = 6                     # query rows per microkernel pass (rows are padded to a multiple)
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
-# Threading layer. numba's default, OpenMP, leaves its workers spinning after each parallel region
-# unless OMP_WAIT_POLICY=PASSIVE was set before libgomp loaded -- at `import torch`, before ctxmem
-# can set it. Spinning workers take the cores torch's matmuls need: a 2K-token SmolLM2 read took
-# 21 s instead of 9.5 s with the other core busy (measured here). "workqueue" workers sleep when
-# idle (same 9.5 s). It aborts if two threads launch at once, so every launch holds _LAUNCH.
-# A NUMBA_THREADING_LAYER in the environment wins; so does a layer already started in this process.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
-_LAUNCH = threading.Lock()
 # Decode calls estimated below this many flops run on one thread: a ~0.3 ms decode step gains
 # little from a second core, and on a loaded machine waking a descheduled worker thread can
 # cost 10 ms or more (measured here: 0.3 ms serial vs 3-12 ms with 2 threads under load).
@@ -726,25 +716,23 @@ def retrieval_attention_numba(q, k, v, reps, lengths, n_new, params: OpParams, i
         nmid = max(0, (int(lens.max(initial=0)) - local - sink) // S)
         work = B * Hkv * (4 * G * span * D + 2 * nmid * R_ * D)
         threads = numba.get_num_threads()
-        with _LAUNCH:
-            if work < PARALLEL_MIN_FLOPS and threads > 1:
-                numba.set_num_threads(1)
-            try:
-                _decode_kernel(q32, kf, vf, kst[0], kst[1], vst[0], vst[1], cap, rf, rst[0], rst[1], nb,
-                               R_, lens, nn, S, topk, sink, local, scaling, invf, b32, has_bias, out,
-                               selected)
-            finally:
-                numba.set_num_threads(threads)
+        if work < PARALLEL_MIN_FLOPS and threads > 1:
+            numba.set_num_threads(1)
+        try:
+            _decode_kernel(q32, kf, vf, kst[0], kst[1], vst[0], vst[1], cap, rf, rst[0], rst[1], nb,
+                           R_, lens, nn, S, topk, sink, local, scaling, invf, b32, has_bias, out,
+                           selected)
+        finally:
+            numba.set_num_threads(threads)
     else:
         rot = np.zeros((B, Hkv, topk + 1, D), np.float32)
+        _prefill_select(q32, rf, rst[0], rst[1], nb, R_, lens, nn, S, topk, sink, local, scaling,
+                        invf, b32, has_bias, selected, rot)
         tq = max(1, TQ_ROWS // G)
         tasks = _split_tasks(nn, Hkv, tq)
-        with _LAUNCH:
-            _prefill_select(q32, rf, rst[0], rst[1], nb, R_, lens, nn, S, topk, sink, local, scaling,
-                            invf, b32, has_bias, selected, rot)
-            if tasks.shape[0]:
-                _prefill_attend(q32, kf, vf, kst[0], kst[1], vst[0], vst[1], cap, lens, nn, S, topk,
-                                sink, local, scaling, tq, tasks, selected, rot, out)
+        if tasks.shape[0]:
+            _prefill_attend(q32, kf, vf, kst[0], kst[1], vst[0], vst[1], cap, lens, nn, S, topk,
+                            sink, local, scaling, tq, tasks, selected, rot, out)
     o = torch.from_numpy(out)
     return (o if q.dtype == torch.float32 else o.to(q.dtype)), torch.from_numpy(selected)
 
