@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ctxmem._atomic import atomic_write_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
@@ -86,7 +88,7 @@ def machine() -> dict:
 def write_json(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2))
+    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
     return path
 
 

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from ctxmem._atomic import atomic_write_bytes
+
 
 def main():
     p = argparse.ArgumentParser()
@@ -88,7 +90,7 @@ def main():
             out["paired_differences"][f"{y} - {x}"] = {"recovered_diff": round(point, 4),
                                                        "ci95": [round(float(diff[25]), 4), round(float(diff[974]), 4)]}
     out["per_window"] = {k: [round(v, 4) for v in vals] for k, vals in res.items()}
-    json.dump(out, open(a.out, "w"), indent=1)
+    atomic_write_bytes(a.out, json.dumps(out, indent=1).encode())
     print(json.dumps({k: v for k, v in out.items() if k != "per_window"}, indent=1))
 
 

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
 
 from ctxmem.ops import OpParams, retrieval_attention_ref, row_layout  # noqa: E402
 from ctxmem.ops import cuda as cuda_backend  # noqa: E402
+from ctxmem._atomic import atomic_write_bytes  # noqa: E402
 
 MODELS = {
     "llama3-8b": dict(Hq=32, Hkv=8, D=128),
@@ -191,7 +192,7 @@ def main(argv=None) -> dict:
            "models": MODELS, "results": rows,
            "targets": {"speedup_vs_full_at_1M": 10, "frac_of_hbm_bw": 0.6}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    atomic_write_bytes(a.out, (json.dumps(out, indent=1) + "\n").encode())
     print(f"wrote {a.out}")
     return out
 

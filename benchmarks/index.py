@@ -42,6 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ctxmem._atomic import atomic_write_bytes  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -462,7 +464,7 @@ def main(argv=None) -> int:
         result["seconds"] = time.perf_counter() - t0
         result["run_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        atomic_write_bytes(out, json.dumps(result, indent=2).encode())
         plot_ray(result, out.with_suffix(".png"))
         log(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
         return 0
@@ -480,7 +482,7 @@ def main(argv=None) -> int:
         result["build"] = previous["build"]
         result["build_from_run_at"] = previous.get("run_at", "an earlier run")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_bytes(out, json.dumps(result, indent=2).encode())
     plot(result, out.with_suffix(".png"))
     log(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
     return 0

@@ -29,6 +29,7 @@ import torch
 
 from ctxmem.ops import OpParams, retrieval_attention_ref, row_layout
 from ctxmem.ops import numba_kernels
+from ctxmem._atomic import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = dict(B=1, Hq=9, Hkv=3, D=64, R=4)
@@ -194,7 +195,7 @@ def main(argv=None) -> dict:
                   "the kernel), so it touches half the bytes of fp32."),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    atomic_write_bytes(a.out, (json.dumps(out, indent=1) + "\n").encode())
     _plot(rows, Path(a.out).with_suffix(".png"))
     print(f"wrote {a.out}")
     return out

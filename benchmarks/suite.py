@@ -49,6 +49,7 @@ from benchmarks.tasks import ChatFrame, score
 from benchmarks.tasks import codeqa as codeqa_mod
 from benchmarks.tasks import perplexity as ppl_mod
 from benchmarks.tasks import ruler
+from ctxmem._atomic import atomic_write_bytes
 from ctxmem.memory._malloc import release_free_memory
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -483,10 +484,11 @@ def write_readme(result: dict, path: Path = README) -> bool:
         print(f"README markers {BEGIN} / {END} not found in {path}; table not written", file=sys.stderr)
         return False
     a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
-    path.write_text(text[:a] + "\n" + readme_block(result) + "\n![needles](benchmarks/results/" +
+    atomic_write_bytes(path, (text[:a] + "\n" + readme_block(result) + "\n![needles](benchmarks/results/" +
                     f"{result['suite']}_heatmap.png)\n![accuracy](benchmarks/results/{result['suite']}_accuracy.png)\n"
                     f"![cost](benchmarks/results/{result['suite']}_cost.png)\n" +
-                    (f"![perplexity](benchmarks/results/{result['suite']}_ppl.png)\n" if result.get("ppl") else "") + text[b:])
+                    (f"![perplexity](benchmarks/results/{result['suite']}_ppl.png)\n" if result.get("ppl") else "") +
+                    text[b:]).encode())
     return True
 
 
