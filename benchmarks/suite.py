@@ -484,11 +484,11 @@ def write_readme(result: dict, path: Path = README) -> bool:
         print(f"README markers {BEGIN} / {END} not found in {path}; table not written", file=sys.stderr)
         return False
     a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
-    atomic_write_bytes(path, (text[:a] + "\n" + readme_block(result) + "\n![needles](benchmarks/results/" +
-                    f"{result['suite']}_heatmap.png)\n![accuracy](benchmarks/results/{result['suite']}_accuracy.png)\n"
-                    f"![cost](benchmarks/results/{result['suite']}_cost.png)\n" +
-                    (f"![perplexity](benchmarks/results/{result['suite']}_ppl.png)\n" if result.get("ppl") else "") +
-                    text[b:]).encode())
+    name = result["suite"]
+    images = (f"![needles](benchmarks/results/{name}_heatmap.png)\n![accuracy](benchmarks/results/{name}_accuracy.png)\n"
+              f"![cost](benchmarks/results/{name}_cost.png)\n" +
+              (f"![perplexity](benchmarks/results/{name}_ppl.png)\n" if result.get("ppl") else ""))
+    atomic_write_bytes(path, (text[:a] + "\n" + readme_block(result) + "\n" + images + text[b:]).encode())
     return True
 
 

@@ -194,7 +194,6 @@ def test_kernels_are_cached_on_disk():
     assert misses == 0 and hits >= 4, res.stdout
 
 
-
 def test_calls_from_several_threads_give_the_serial_results():
     """The kernels keep no state between calls (scratch is per task), so Python threads calling
     the op at once (it releases the GIL) must get exactly what serial calls get."""
