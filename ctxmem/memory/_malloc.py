@@ -16,15 +16,21 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
+def _glibc(name: str):
+    """The C library's function ``name`` (glibc), or None where it has none (macOS, Windows, ...)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def pin_malloc_thresholds(nbytes: int = 128 * 1024) -> bool:
     """Pin glibc's mmap and trim thresholds (once per process). Returns True when it took effect."""
     global _done
     if _done:
         return True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     ok = bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(mallopt(_M_TRIM_THRESHOLD, nbytes))
     _done = ok
@@ -38,8 +44,5 @@ def release_free_memory() -> bool:
     import gc
 
     gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    trim = _glibc("malloc_trim")
+    return trim is not None and bool(trim(0))
