@@ -211,3 +211,21 @@ def test_finished_memories_are_freed_without_the_cyclic_gc():
         gc.enable()
         ctxmem.unwrap(model)
     assert alive == [False, False, True]  # only the latest, kept for save_memory
+
+
+def test_kv_buffer_sized_by_the_read_not_doubled():
+    """A chunked read makes room for its whole input (plus a block) at once; decode grows by 1.25x.
+    (Doubling took a 16,384-token buffer for an 8,192-token prompt and one new token.)"""
+    model = tiny_model("llama", seed=13)
+    S = 8
+    ctxmem.wrap(model, ctxmem.MemoryConfig(block_size=S, topk_blocks=2, sink_tokens=4, local_tokens=16,
+                                           prefill_chunk=64, selector="keys"))
+    ids = torch.randint(0, 97, (1, 3000), generator=torch.Generator().manual_seed(4))
+    cache = ctxmem.new_cache(model)
+    model(ids, cache=cache, logits_to_keep=1)
+    caps = {layer.k.shape[2] for layer in cache.layers}
+    assert caps == {3000 + S}
+    for _ in range(S + 1):  # past the read's headroom: one 1.25x step
+        model(ids[:, :1], cache=cache, logits_to_keep=1)
+    assert {layer.k.shape[2] for layer in cache.layers} == {(3008 + 3008 // 4 + S - 1) // S * S}
+    ctxmem.unwrap(model)

@@ -253,9 +253,13 @@ def _make_forward(model, state: WrapState):
             ids = input_ids if input_ids is not None else text_ids
             cache.begin_chunk(None if ids is None else ids[:, s:e].cpu(), valid[:, s:e], question=question and last)
             inputs = dict(input_ids=input_ids[:, s:e]) if input_ids is not None else dict(inputs_embeds=inputs_embeds[:, s:e])
-            with attention.active_memory(cache):
-                out = orig_forward(**inputs, attention_mask=None, position_ids=pos[:, s:e], cache=cache,
-                                   use_cache=True, logits_to_keep=0 if keep_all else (keep if last else 1), **kwargs)
+            cache.pending = L - s
+            try:
+                with attention.active_memory(cache):
+                    out = orig_forward(**inputs, attention_mask=None, position_ids=pos[:, s:e], cache=cache,
+                                       use_cache=True, logits_to_keep=0 if keep_all else (keep if last else 1), **kwargs)
+            finally:
+                cache.pending = 0
             cache.end_chunk(e - s if counted else 0)
             if bar is not None:
                 bar.update(e - s)

@@ -61,7 +61,12 @@ class BlockMemoryLayer(CacheLayerMixin):
         if need <= cap:
             return
         S = self.owner.cfg.block_size
-        new_cap = max(need, 2 * cap, 1024)
+        # A chunked read says how many tokens it will still add (owner.pending): make room for all
+        # of them (and a block of answer) at once. Past that, grow by 1.25x: doubling could leave
+        # half of a long context's buffer unused (an 8,192-token prompt and one generated token
+        # took a 16,384-token buffer, 370 MB of fp32 KV for SmolLM2).
+        ahead = int(self.lengths.max()) + self.owner.pending + S if self.lengths.numel() else 0
+        new_cap = max(need, ahead, cap + cap // 4, 1024)
         new_cap = -(-new_cap // S) * S
         self.k, self.v = grown(self.k, 2, new_cap), grown(self.v, 2, new_cap)
         self.reps = grown(self.reps, 2, new_cap // S)
@@ -134,6 +139,7 @@ class MemoryCache(Cache):
         self.cold = None  # ColdBlockStore, created with the first tiered layer
         self.inv_freq = inv_freq.detach().float().cpu()
         self.seen = 0  # tokens fed so far, padding included (the HF view)
+        self.pending = 0  # tokens the read in progress has still to add (sizes the KV buffers)
         self.hidden_prefix: list[int] | None = None  # knowledge tokens read before the prompt, per row
         self.token_ids: list[list[int]] = []
         self.n_new = torch.zeros(0, dtype=torch.long)
