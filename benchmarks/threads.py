@@ -4,7 +4,7 @@ Each run is a fresh process that imports torch first (as a library user's script
 setting in its environment is the one libgomp reads. It reads a passkey prompt with the numba
 backend and key selector and reports prefill seconds and decode ms/token. Settings:
 libgomp's default (spin, then sleep), ``GOMP_SPINCOUNT=1000`` and ``OMP_WAIT_POLICY=PASSIVE``
-(what the CLI and the benchmarks set). ``--busy`` adds a run of each with one core kept busy by
+(what the CLI and the benchmarks set). ``--busy-runs N`` adds N rounds with one core kept busy by
 another process. Writes benchmarks/results/threads.json.
 
     python -m benchmarks.threads [--tokens 8192] [--runs 2] [--busy-runs 1]
