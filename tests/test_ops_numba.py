@@ -217,3 +217,15 @@ def test_calls_from_several_threads_give_the_serial_results():
     for t in threads:
         t.join()
     assert not bad
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_tiles_keep_blas_on_the_calling_thread(D, capfd):
+    """Each prange task calls sgemm; tiles are capped so that OpenBLAS runs each call on the
+    calling thread instead of waking threads of its own under ours (it then warns "Detect OpenMP
+    Loop and this application may hang"). A 192-row tile at D=64 printed that warning."""
+    c = make_case(B=1, Hkv=2, G=3, D=D, S=64, R=2, topk=3, sink=64, local=128, C=256,
+                  ts=[1200], ns=[256], seed=4)
+    numba_kernels.numba.set_num_threads(numba_kernels.numba.config.NUMBA_NUM_THREADS)
+    check_fp32(c, atol=2e-5)
+    assert "OpenBLAS Warning" not in capfd.readouterr().err
