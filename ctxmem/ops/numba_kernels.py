@@ -15,9 +15,11 @@ Two kernels, both fusing block scoring, top-k selection and attention with an on
   streams the key tiles; keys of moved regions are re-rotated into a 64 x D scratch tile (L1),
   the local window is read in place with the causal mask applied only to the tiles that need it.
   The two products of a tile, QK^T and PV, are BLAS sgemm calls (``np.dot`` on in-place views of
-  the cache: no gather), which ran 1.2x (QK^T) and 2.2x (PV) faster than the hand-blocked loops
-  below on this machine; tiles stay small enough for the BLAS to run each call on the calling
-  thread (see ``SGEMM_SERIAL_MNK``): the parallelism is ours.
+  the cache: no gather). On this machine they ran 1.2x (QK^T) and 2.2x (PV) faster than the
+  register-blocked loops they replaced (48 rows x 64 keys x D 64, one thread), and the whole
+  prefill op 1.3x faster at SmolLM2's 16K shapes (a 128-query chunk: 4.7 -> 3.6 ms on one thread,
+  2.5 -> 1.9 ms on two). Tiles stay small enough for the BLAS to run
+  each call on the calling thread (see ``SGEMM_SERIAL_MNK``): the parallelism is ours.
 
 The decode kernel's inner loops are register-blocked (2 query rows x 4 keys for QK^T, 8 keys per
 pass for PV) and written so that LLVM vectorises them (AVX2/AVX-512): a decode step has G rows,
@@ -29,10 +31,9 @@ the cache buffer (any batch/head strides; each (row, head) a contiguous [positio
 read in place. fp32 tensors are read directly. bf16 tensors are read in place as their raw 16-bit
 patterns and widened to fp32 (exact: a shift) in registers (decode) or tile by tile into an L1
 scratch for BLAS (prefill), so bf16 needs no conversion pass over the cache and touches half the
-bytes. The only conversions are q (the
-chunk, ``C x Hq x D`` values) to fp32 and the fp32 output back to q's dtype. Other dtypes (fp16,
-fp64) are declared unsupported (``auto`` then uses the reference). A cache whose planes are not
-contiguous is copied once per call.
+bytes. The only conversions are q (the chunk, ``C x Hq x D`` values) to fp32 and the fp32 output
+back to q's dtype. Other dtypes (fp16, fp64) are declared unsupported (``auto`` then uses the
+reference). A cache whose planes are not contiguous is copied once per call.
 
 Numerics: everything accumulates in fp32; re-rotated keys stay in fp32 (the reference rounds them
 to the storage dtype, so bf16 results differ by a bf16 rounding of moved keys, well inside bf16
