@@ -39,7 +39,8 @@ Numerics: everything accumulates in fp32; re-rotated keys stay in fp32 (the refe
 to the storage dtype, so bf16 results differ by a bf16 rounding of moved keys, well inside bf16
 tolerance). Selection scores are accumulated in fp64 then rounded, ties go to the lower block
 index (as the reference). Inputs must be finite (``fastmath``); NaN/inf in q/k/v give garbage,
-not NaN. The kernels are not meant to be called from several Python threads at once.
+not NaN. The kernels keep no state between calls (scratch is per task), so Python threads may call
+the op at once (it releases the GIL) and get what serial calls get (tested); they then share the cores.
 
 Compilation: ``cache=True``, so only the first process on a machine compiles (~40 s for all four
 specialisations, decode/prefill x fp32/bf16, on this 2-core machine); later processes load the
