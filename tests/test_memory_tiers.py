@@ -72,6 +72,28 @@ def test_lru_stays_in_budget_and_never_loses_a_block(ops, budget_blocks, cold, t
         store.put((0, 0, next(iter(want))), torch.zeros(H, S, D), torch.zeros(H, S, D)) if want else store.get((9, 9, 9))
 
 
+def test_ram_cache_is_one_slab_and_get_hands_out_views_of_it(tmp_path):
+    """Blocks live in slots of one preallocated slab (no tensor per block: thousands of them
+    fragmented the heap); a get returns views of its slot, so evicting and reloading a block
+    gives the same values, and the slab's storage never changes."""
+    H, S, D = 2, 4, 8
+    store = ColdBlockStore(H, S, D, torch.float32, "fp32", 0, directory=str(tmp_path))
+    store = ColdBlockStore(H, S, D, torch.float32, "fp32", 3 * store.slot_bytes, directory=str(tmp_path))
+    assert store.capacity == 3
+    blocks = {j: (torch.randn(H, S, D), torch.randn(H, S, D)) for j in range(8)}
+    for j, (k, v) in blocks.items():
+        store.put((0, 0, j), k, v)
+    ptr = store._kv.data_ptr()
+    assert store.ram_bytes == 3 * store.slot_bytes and store.stats["disk_writes"] == 5
+    for j in [0, 7, 3, 0, 5, 1, 2, 6, 4]:
+        k, v = store.get((0, 0, j))
+        assert k.data_ptr() != v.data_ptr() and store._kv.data_ptr() == ptr
+        assert k.untyped_storage().data_ptr() == ptr  # a view of the slab, not a copy
+        assert torch.equal(k, blocks[j][0]) and torch.equal(v, blocks[j][1])
+        assert store.encoded((0, 0, j)) == encode_block(*blocks[j], "fp32")
+    assert store.ram_bytes == 3 * store.slot_bytes
+
+
 def _logits(model, ids, mask, cfg):
     ctxmem.wrap(model, cfg)
     try:

@@ -5,6 +5,15 @@ size come from the heap, which fragments and is not given back: a 128K-token rea
 block budget peaked at 3,588 MB RSS that way, and at 2,046 MB with the thresholds pinned
 (MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072; benchmarks/results/memory.json).
 Setting them explicitly with mallopt turns the dynamic adjustment off for the whole process.
+
+Pinned at 4 MiB, not 128 KiB: below the threshold every tensor is a fresh mmap, so each of the
+many sub-MB temporaries of a forward or a decode step (a 128-token chunk's MLP activations are
+786 KB) paid page faults and zeroing on every call: with 128 KiB the memory layer's decode step
+at 128K tokens took 167 ms (30 layers, one thread), with 4 MiB 68 ms. What fragmented the heap
+were the cold store's thousands of per-block tensors interleaved with those temporaries (with
+4 MiB and per-block tensors a 128K read grew to 3.2 GB); the cold store now keeps its blocks in
+one slab (``cold_store.py``), and buffers that grow and are freed are larger than 4 MiB at the
+lengths where it matters, so they still go back to the OS.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ def _glibc(name: str):
         return None
 
 
-def pin_malloc_thresholds(nbytes: int = 128 * 1024) -> bool:
+def pin_malloc_thresholds(nbytes: int = 4 * 2**20) -> bool:
     """Pin glibc's mmap and trim thresholds (once per process). Returns True when it took effect."""
     global _done
     if _done:

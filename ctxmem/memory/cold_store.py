@@ -12,7 +12,11 @@ or from disk, so answers never depend on what happened to be cached.
 
 The RAM cache is an LRU of decoded blocks sized in bytes (``MemoryConfig.ram_budget``). It is
 write-back: a block is written to the file only when it is evicted, so a context that fits the
-budget never touches the disk. The file is opened then unlinked at once: it needs no cleanup,
+budget never touches the disk. Its blocks live in one preallocated slab of equal slots (decoded
+k/v plus the encoding until it is written), not in a tensor per block: blocks come and go by the
+thousand during a long read, and as separate heap allocations they interleaved with the model's
+own temporaries and fragmented glibc's heap (with a 4 MiB mmap threshold a 128K read grew to
+3.2 GB RSS; see ``_malloc.py``). The file is opened then unlinked at once: it needs no cleanup,
 even after a crash. Reads and writes use ``pread``/``pwrite`` rather than a memory map, because
 mapped pages count in the process's resident set and would make the RAM bound a fiction.
 """
@@ -72,7 +76,9 @@ def decode_block(buf, cold_dtype: str, H: int, S: int, D: int, dtype: torch.dtyp
 class ColdBlockStore:
     """All layers' and rows' cold blocks of one ``MemoryCache``: a file plus an LRU in RAM.
 
-    Blocks are keyed by (layer, row, block index) and are immutable once put.
+    Blocks are keyed by (layer, row, block index) and are immutable once put. The LRU holds
+    ``max(1, budget // slot_bytes)`` blocks, each in a slot of a slab allocated on first use
+    (its pages become resident as slots fill); ``slot_bytes`` = the decoded block + its encoding.
     """
 
     def __init__(self, H: int, S: int, D: int, dtype: torch.dtype, cold_dtype: str, budget_bytes: int,
@@ -83,12 +89,15 @@ class ColdBlockStore:
         self.budget = int(budget_bytes)
         self.rec_bytes = encoded_nbytes(cold_dtype, H, S, D)
         self.block_ram = 2 * H * S * D * torch.empty((), dtype=dtype).element_size()
+        self.slot_bytes = self.block_ram + self.rec_bytes
+        self.capacity = max(1, self.budget // self.slot_bytes)  # one block always fits (see get)
         self.directory = directory
         self._fd: int | None = None
         self._slots: dict[tuple, int] = {}  # key -> record index in the file
-        # key -> [k, v, encoded bytes or None once written]
-        self._lru: OrderedDict[tuple, list] = OrderedDict()
-        self._ram = 0  # bytes held by the LRU (kept as a running total: eviction checks it per put)
+        self._lru: OrderedDict[tuple, list] = OrderedDict()  # key -> [slab slot, encoding not yet written]
+        self._kv: torch.Tensor | None = None  # [capacity, 2, H, S, D] decoded blocks
+        self._enc: np.ndarray | None = None   # [capacity, rec_bytes] encodings of unwritten blocks
+        self._free: list[int] = []
         self.stats = {"hits": 0, "disk_reads": 0, "disk_writes": 0}
 
     # -- file ------------------------------------------------------------------------------
@@ -101,10 +110,10 @@ class ColdBlockStore:
             self._fd = fd
         return self._fd
 
-    def _write(self, key: tuple, data: bytes) -> None:
+    def _write(self, key: tuple, data) -> None:
         slot = self._slots.setdefault(key, len(self._slots))
         fd, off = self._file(), slot * self.rec_bytes
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         while view:
             n = os.pwrite(fd, view, off)
             view, off = view[n:], off + n
@@ -138,11 +147,27 @@ class ColdBlockStore:
 
     @property
     def ram_bytes(self) -> int:
-        """Bytes of decoded blocks (and not-yet-written encodings) held in RAM."""
-        return self._ram
+        """Bytes of the slab's slots in use (decoded blocks and room for their encodings)."""
+        return len(self._lru) * self.slot_bytes
 
-    def _entry_bytes(self, e: list) -> int:
-        return self.block_ram + (len(e[2]) if e[2] is not None else 0)
+    def _take_slot(self, keep: tuple | None = None) -> int:
+        """A free slab slot, evicting the least recently used block if none is free."""
+        if self._kv is None:
+            self._kv = torch.empty(self.capacity, 2, self.H, self.S, self.D, dtype=self.dtype)
+            self._enc = np.empty((self.capacity, self.rec_bytes), dtype=np.uint8)
+            self._free = list(range(self.capacity - 1, -1, -1))
+        while not self._free:
+            key = next(iter(self._lru))
+            slot, dirty = self._lru.pop(key)
+            if dirty:
+                self._write(key, self._enc[slot])
+            self._free.append(slot)
+        return self._free.pop()
+
+    def _decode_into(self, slot: int, data) -> None:
+        k, v = decode_block(data, self.cold_dtype, self.H, self.S, self.D, self.dtype)
+        self._kv[slot, 0].copy_(k)
+        self._kv[slot, 1].copy_(v)
 
     def put(self, key: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a block [H, S, D] (encoded once; RAM keeps the decoded form)."""
@@ -153,43 +178,33 @@ class ColdBlockStore:
             raise KeyError(f"ctxmem cold store: block {key} is already stored (blocks are immutable)")
         if len(data) != self.rec_bytes:
             raise ValueError(f"ctxmem cold store: block {key} has {len(data)} bytes, expected {self.rec_bytes}")
-        k, v = decode_block(data, self.cold_dtype, self.H, self.S, self.D, self.dtype)
-        e = self._lru[key] = [k, v, bytes(data)]
-        self._ram += self._entry_bytes(e)
-        self._evict()
+        slot = self._take_slot()
+        self._enc[slot] = np.frombuffer(data, dtype=np.uint8)
+        self._decode_into(slot, data)
+        self._lru[key] = [slot, True]
 
     def get(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoded block (k, v) [H, S, D]; from RAM when cached, else from the file."""
+        """The decoded block (k, v) [H, S, D]; from RAM when cached, else from the file.
+
+        The tensors are views of the cache's slab: copy them before the next ``get`` or ``put``,
+        which may hand their slot to another block."""
         e = self._lru.get(key)
         if e is not None:
             self._lru.move_to_end(key)
             self.stats["hits"] += 1
-            return e[0], e[1]
-        if key not in self._slots:
-            raise KeyError(f"ctxmem cold store: no block {key}")
-        k, v = decode_block(self._read(key), self.cold_dtype, self.H, self.S, self.D, self.dtype)
-        e = self._lru[key] = [k, v, None]
-        self._ram += self._entry_bytes(e)
-        self._evict(keep=key)
-        return k, v
+            slot = e[0]
+        else:
+            if key not in self._slots:
+                raise KeyError(f"ctxmem cold store: no block {key}")
+            data = self._read(key)
+            slot = self._take_slot()
+            self._decode_into(slot, data)
+            self._lru[key] = [slot, False]
+        return self._kv[slot, 0], self._kv[slot, 1]
 
     def encoded(self, key: tuple) -> bytes:
         """The block's encoded bytes (what ``save_memory`` writes)."""
         e = self._lru.get(key)
-        if e is not None and e[2] is not None:
-            return e[2]
+        if e is not None and e[1]:
+            return self._enc[e[0]].tobytes()
         return self._read(key)
-
-    def _evict(self, keep: tuple | None = None) -> None:
-        while self._lru and self._ram > self.budget:
-            key = next(iter(self._lru))
-            if key == keep:  # the block just asked for stays, even over a tiny budget
-                if len(self._lru) == 1:
-                    return
-                self._lru.move_to_end(key)
-                continue
-            e = self._lru.pop(key)
-            self._ram -= self._entry_bytes(e)
-            data = e[2]
-            if data is not None:
-                self._write(key, data)
