@@ -150,7 +150,7 @@ class ColdBlockStore:
         """Bytes of the slab's slots in use (decoded blocks and room for their encodings)."""
         return len(self._lru) * self.slot_bytes
 
-    def _take_slot(self, keep: tuple | None = None) -> int:
+    def _take_slot(self) -> int:
         """A free slab slot, evicting the least recently used block if none is free."""
         if self._kv is None:
             self._kv = torch.empty(self.capacity, 2, self.H, self.S, self.D, dtype=self.dtype)

@@ -18,8 +18,8 @@ Two kernels, both fusing block scoring, top-k selection and attention with an on
   the cache: no gather). On this machine they ran 1.2x (QK^T) and 2.2x (PV) faster than the
   register-blocked loops they replaced (48 rows x 64 keys x D 64, one thread), and the whole
   prefill op 1.3x faster at SmolLM2's 16K shapes (a 128-query chunk: 4.7 -> 3.6 ms on one thread,
-  2.5 -> 1.9 ms on two). Tiles stay small enough for the BLAS to run
-  each call on the calling thread (see ``SGEMM_SERIAL_MNK``): the parallelism is ours.
+  2.5 -> 1.9 ms on two). Tiles stay small enough for the BLAS to run each call on the calling
+  thread (see ``SGEMM_SERIAL_MNK``): the parallelism is ours.
 
 The decode kernel's inner loops are register-blocked (2 query rows x 4 keys for QK^T, 8 keys per
 pass for PV) and written so that LLVM vectorises them (AVX2/AVX-512): a decode step has G rows,
@@ -262,6 +262,7 @@ def _tile_ov(a, p0, nk, scratch):
 
 @njit(**_JIT)
 def _rowmax(S, rows, nk, mx):
+    """mx[r] = max_j S[r, j]: a pass of its own in prefill, since sgemm gives no row maxima."""
     for r in range(rows):
         mt = NEG
         for j in range(nk):
