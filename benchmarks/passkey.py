@@ -66,22 +66,28 @@ def run(args):
         print(f"{method:7s} {kind:6s} {n:>6d} d={d:.1f} found={row['found']!s:5s} {sec:6.1f}s "
               f"decode {row['decode_ms_per_token']:6.1f} ms/tok  {text[:40]!r}", flush=True)
 
-    ctxmem.wrap(model, cfg, tokenizer=tok)
-    for kind in haystacks:
-        for n in lengths:
-            for i, d in enumerate(real_depths if kind == "real" else depths):
-                one("ctxmem", kind, n, d, i)
-    ctxmem.unwrap(model)
+    from ctxmem.cli import _parse_overrides
+    variants = {"ctxmem": cfg}
+    for spec in args.variant:  # NAME:KEY=VALUE,KEY=VALUE: another ctxmem config on the same prompts
+        name, _, sets = spec.partition(":")
+        variants[name] = ctxmem.MemoryConfig(**{**args.config, **_parse_overrides(sets.split(",") if sets else [])})
+    for method, vcfg in variants.items():
+        ctxmem.wrap(model, vcfg, tokenizer=tok)
+        for kind in haystacks:
+            for n in lengths:
+                for i, d in enumerate(real_depths if kind == "real" else depths):
+                    one(method, kind, n, d, i)
+        ctxmem.unwrap(model)
     # the stock model: full sweep where it is affordable, one timing point beyond
     for kind in haystacks:
-        for n in [args.stock_ref] + [x for x in lengths if x <= args.stock_max]:
+        for n in [x for x in [args.stock_ref] if x > 0] + [x for x in lengths if x <= args.stock_max]:
             for i, d in enumerate(real_depths if kind == "real" else depths):
                 one("stock", kind, n, d, i)
         for n in [x for x in lengths if args.stock_max < x <= args.stock_time_max]:
             if kind == haystacks[0]:
                 one("stock", kind, n, 0.5, 0)
     result = dict(machine=machine(), config=cfg.to_dict(), lengths=lengths, depths=depths, rows=rows,
-                  summary=summarize(rows))
+                  variants={k: v.to_dict() for k, v in variants.items() if k != "ctxmem"}, summary=summarize(rows))
     path = write_json(args.out, result)
     plot(result, args.out)
     print(f"wrote {path}")
@@ -109,14 +115,18 @@ def summarize(rows):
 def table(result):
     summ = result["summary"]
     keys = sorted({(k.split("/")[1], int(k.split("/")[2])) for k in summ})
-    lines = ["| haystack | context | stock found | stock s/answer | ctxmem found | ctxmem s/answer | ctxmem decode ms/tok |",
-             "|---|---|---|---|---|---|---|"]
+    extra = [m for m in dict.fromkeys(k.split("/")[0] for k in summ) if m not in ("stock", "ctxmem")]
+    lines = ["| haystack | context | stock found | stock s/answer | ctxmem found | ctxmem s/answer | ctxmem decode ms/tok |"
+             + "".join(f" {m} found | {m} s/answer |" for m in extra),
+             "|---|---|---|---|---|---|---|" + "---|---|" * len(extra)]
+    f = lambda s, key, fmt: (fmt.format(s[key]) if s else "–")  # noqa: E731
+    hits = lambda s: f(s, 'found', '{}') + ('/' + str(s['n']) if s else '')  # noqa: E731
     for kind, n in keys:
         st, cm = summ.get(f"stock/{kind}/{n}"), summ.get(f"ctxmem/{kind}/{n}")
-        f = lambda s, key, fmt: (fmt.format(s[key]) if s else "–")
-        lines.append(f"| {kind} | {n:,} | {f(st, 'found', '{}') + ('/' + str(st['n']) if st else '')} | "
-                     f"{f(st, 'seconds', '{:.1f}')} | {f(cm, 'found', '{}') + ('/' + str(cm['n']) if cm else '')} | "
-                     f"{f(cm, 'seconds', '{:.1f}')} | {f(cm, 'decode_ms_per_token', '{:.0f}')} |")
+        lines.append(f"| {kind} | {n:,} | {hits(st)} | {f(st, 'seconds', '{:.1f}')} | {hits(cm)} | "
+                     f"{f(cm, 'seconds', '{:.1f}')} | {f(cm, 'decode_ms_per_token', '{:.0f}')} |"
+                     + "".join(f" {hits(summ.get(f'{m}/{kind}/{n}'))} | {f(summ.get(f'{m}/{kind}/{n}'), 'seconds', '{:.1f}')} |"
+                               for m in extra))
     return lines
 
 
@@ -138,7 +148,7 @@ def plot(result, name):
             grid[deps.index(r["depth"])][lens.index(r["length"])] = 1.0 if r["found"] else 0.0
         ax.imshow(grid, cmap=ListedColormap(["#d9534f", "#5cb85c"]), vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(lens)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lens])
-        ax.set_yticks(range(len(deps)), [f"{d:.1f}" for d in deps])
+        ax.set_yticks(range(len(deps)), [f"{d:.2f}" for d in deps])
         ax.set_xlabel("context length")
         ax.set_ylabel("needle depth")
         ax.set_title(f"{method} · {kind}")
@@ -148,7 +158,8 @@ def plot(result, name):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for method, style in (("stock", "o-"), ("ctxmem", "s-")):
+    for method in dict.fromkeys(r["method"] for r in rows):
+        style = "o-" if method == "stock" else "s-"
         pts = {}
         for r in rows:
             if r["method"] == method:
@@ -179,6 +190,8 @@ def main():
     p.add_argument("--stock-time-max", type=int, default=32768, help="... and one depth (for time) up to this")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="MemoryConfig override")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="another ctxmem method on the same prompts, e.g. reader:reader=smollm2-reader")
     p.add_argument("--out", default="passkey")
     args = p.parse_args()
     from ctxmem.cli import _parse_overrides

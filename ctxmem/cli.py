@@ -100,6 +100,9 @@ def cmd_ask(args) -> int:
     report = {"answer": answer, "context_tokens": len(ids), "seconds_answer": round(t_answer, 2),
               "seconds_load": round(t_load, 2), "tokens_per_second_read": round(len(ids) / t_answer, 1),
               "peak_rss_mb": round(peak), "mode": "stock" if args.stock else "ctxmem"}
+    state = getattr(model, "_ctxmem", None)
+    if state is not None:
+        report["reader"] = getattr(state.reader, "source", None)  # the adapter used for the answer, if any
     if memory_report:
         report["memory"] = memory_report
     if knowledge_report:

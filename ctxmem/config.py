@@ -69,6 +69,9 @@ class MemoryConfig:
     cold_dtype      how blocks leaving the live tail are stored when ram_budget is set:
                     "fp16" (default), "int8" (per-channel scales) or "fp32" (exact)
     offload_dir     folder for the cold file (default: the system temp folder)
+    reader          a LoRA adapter (``ctxmem.reader``) switched on for question chunks and decode
+                    steps only: "auto" = the one ``load_model`` attached to a bundled model (none for
+                    other models), None = none, else a bundled name ("smollm2-reader") or a folder
     """
 
     block_size: int = 64
@@ -90,6 +93,7 @@ class MemoryConfig:
     ram_budget: int | str | None = None
     cold_dtype: str = "fp16"
     offload_dir: str | None = None
+    reader: str | None = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -123,6 +127,8 @@ class MemoryConfig:
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.selector in SELECTORS, f"selector must be one of {SELECTORS}, got {self.selector!r}")
         need(self.cold_dtype in COLD_DTYPES, f"cold_dtype must be one of {COLD_DTYPES}, got {self.cold_dtype!r}")
+        need(self.reader is None or (isinstance(self.reader, str) and self.reader.strip() != ""),
+             f"reader must be None or a checkpoint name/folder, got {self.reader!r}")
         if self.ram_budget is not None:
             try:
                 parse_bytes(self.ram_budget)

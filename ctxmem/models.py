@@ -78,6 +78,10 @@ def _convert_gguf(folder: Path, gguf_file: str, dest: Path) -> None:
         raise
 
 
+# bundled model name -> the reader adapter trained for it (ctxmem/reader/checkpoints/NAME)
+BUNDLED_READERS = {"smollm2": "smollm2-reader"}
+
+
 def _cached_ok(dest: Path) -> bool:
     marker = dest / "ctxmem_cache.json"
     try:
@@ -103,7 +107,8 @@ def load_model(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32
     """Return ``(model, tokenizer)``: the bundled SmolLM2 by default, or any HF causal LM id/path.
 
     The tokenizer is also attached to the model (``model.ctxmem_tokenizer``) so that ``wrap`` can
-    find it for text-based block retrieval.
+    find it for text-based block retrieval; a bundled model with a bundled reader adapter also gets
+    its name (``model.ctxmem_reader``), what ``MemoryConfig(reader="auto")`` uses.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,6 +119,11 @@ def load_model(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32
         model = model.to(device)
     model.eval()
     model.ctxmem_tokenizer = tok
+    reader = BUNDLED_READERS.get(name_or_path)
+    if reader is not None:
+        from .reader.adapter import BUNDLED_DIR, CONFIG_FILE
+        if (BUNDLED_DIR / reader / CONFIG_FILE).is_file():
+            model.ctxmem_reader = reader
     return model, tok
 
 

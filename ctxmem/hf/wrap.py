@@ -45,6 +45,8 @@ class WrapState:
     compressor: Any = None  # a ctxmem.Compressor: knowledge hits are read as its summary tokens
     owns_compressor: bool = False  # loaded by wrap from a name: its adapter is removed at unwrap
     read_knowledge: Any = None  # (cache, queries, device, kwargs) -> None, set by _make_forward
+    reader: Any = None  # a ctxmem Reader: its adapter is on for question chunks and decode steps only
+    owns_reader: bool = False
 
 
 def _rope_type(mc) -> str:
@@ -93,8 +95,23 @@ def _resolve_compressor(model, compressor, tokenizer):
     return compressor, owns
 
 
+def _resolve_reader(model, reader):
+    """``reader=``: a ctxmem Reader injected into this model, or a checkpoint name/folder."""
+    from ..reader.adapter import Reader
+
+    if isinstance(reader, (str, os.PathLike)):
+        return Reader.from_pretrained(reader, model), True
+    if not isinstance(reader, Reader):
+        raise TypeError(f"ctxmem.wrap: reader must be a ctxmem Reader or a checkpoint name/folder "
+                        f"(e.g. 'smollm2-reader'), got {type(reader).__name__}")
+    if reader.model is not model:
+        raise ValueError("ctxmem.wrap: the reader's adapter lives in another model object; load it onto this one "
+                         "with Reader.from_pretrained(NAME, model)")
+    return reader, False
+
+
 def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=None,
-         knowledge=None, knowledge_budget: int = 1024, compressor=None, progress: bool = False):
+         knowledge=None, knowledge_budget: int = 1024, compressor=None, reader=None, progress: bool = False):
     """Give ``model`` ctxmem working memory in place and return it.
 
     tokenizer / embedder: used by the "embed" block selector (defaults: the tokenizer that
@@ -103,6 +120,9 @@ def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=
     (``knowledge_budget`` tokens) or, with ``compressor`` (a ``ctxmem.Compressor`` built on this
     model, or a checkpoint name/folder loaded onto it), as summary tokens ``[BOS, summaries]``
     (``knowledge_budget`` decoder positions, BOS included: about ``ratio`` times more text).
+    reader: a LoRA adapter (``ctxmem.reader``; a checkpoint name such as "smollm2-reader", a folder,
+    or a ``Reader`` on this model) switched on for question chunks and decode steps only
+    (default: ``config.reader``).
     progress: show a progress bar (tokens/s, ETA) while reading inputs longer than one chunk.
     """
     if getattr(model, "_ctxmem", None) is not None:
@@ -132,11 +152,18 @@ def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=
     owns = False
     if compressor is not None:
         compressor, owns = _resolve_compressor(model, compressor, tokenizer)
+    owns_reader = False
+    reader = reader if reader is not None else cfg.reader
+    if reader == "auto":
+        reader = getattr(model, "ctxmem_reader", None)
+    if reader is not None:
+        reader, owns_reader = _resolve_reader(model, reader)
 
     attention.register()
     state = WrapState(cfg=cfg, orig_attn=model.config._attn_implementation, tokenizer=tokenizer,
                       embedder=embedder, knowledge=knowledge, knowledge_budget=knowledge_budget,
-                      progress=progress, compressor=compressor, owns_compressor=owns)
+                      progress=progress, compressor=compressor, owns_compressor=owns,
+                      reader=reader, owns_reader=owns_reader)
     model.set_attn_implementation(attention.NAME)
     model.forward = _make_forward(model, state)
     model._ctxmem = state
@@ -153,6 +180,11 @@ def unwrap(model):
     del model._ctxmem
     if state.owns_compressor:
         state.compressor.remove_adapter()
+    if state.reader is not None:
+        if state.owns_reader:
+            state.reader.remove_adapter()
+        else:
+            state.reader.set(False)
     return model
 
 
@@ -254,12 +286,16 @@ def _make_forward(model, state: WrapState):
             cache.begin_chunk(None if ids is None else ids[:, s:e].cpu(), valid[:, s:e], question=question and last)
             inputs = dict(input_ids=input_ids[:, s:e]) if input_ids is not None else dict(inputs_embeds=inputs_embeds[:, s:e])
             cache.pending = L - s
+            if state.reader is not None:
+                state.reader.set(question and last)
             try:
                 with attention.active_memory(cache):
                     out = orig_forward(**inputs, attention_mask=None, position_ids=pos[:, s:e], cache=cache,
                                        use_cache=True, logits_to_keep=0 if keep_all else (keep if last else 1), **kwargs)
             finally:
                 cache.pending = 0
+                if state.reader is not None:
+                    state.reader.set(False)  # outside a question forward the model is the stock one
             cache.end_chunk(e - s if counted else 0)
             if bar is not None:
                 bar.update(e - s)

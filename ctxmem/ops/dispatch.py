@@ -6,6 +6,7 @@ backend's reason.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,7 +40,22 @@ def available_backends() -> list[str]:
     return [n for n in _PRIORITY if n in _BACKENDS] + [n for n in _BACKENDS if n not in _PRIORITY]
 
 
+_warned_grad: set[str] = set()
+
+
+def _needs_grad(q: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and q.requires_grad
+
+
 def pick_backend(name: str, q: torch.Tensor) -> Backend:
+    # Only the reference has a backward (the kernels write their output through numpy / a raw
+    # pointer, so autograd would see a constant): under autograd every name runs the reference.
+    if _needs_grad(q):
+        if name not in ("auto", "torch") and name not in _warned_grad:
+            _warned_grad.add(name)
+            warnings.warn(f"ctxmem backend {name!r} has no backward: under autograd the op runs the torch "
+                          "reference (wrap the call in torch.no_grad() to use the kernel)", stacklevel=2)
+        return _BACKENDS["torch"]
     if name == "auto":
         for cand in _PRIORITY:
             be = _BACKENDS.get(cand)

@@ -84,8 +84,10 @@ def retrieval_attention_ref(q, k, v, reps, lengths, n_new, params: OpParams, inv
             sel = select_topk(scores, lay.nsel)
         selected[b, :, : lay.nsel] = sel
         idx, vpos = gather_plan(t, L, sel, params)
-        kk = torch.gather(k[b], 1, idx[..., None].expand(-1, -1, D))
-        vv = torch.gather(v[b], 1, idx[..., None].expand(-1, -1, D))
+        # advanced indexing, not gather: its backward keeps only k's shape, so a training step may
+        # append to the cache in place after this read (gather would save k itself)
+        heads = torch.arange(Hkv, device=q.device)[:, None]
+        kk, vv = k[b][heads, idx], v[b][heads, idx]
         moved = vpos != idx
         if bool(moved.any()):
             kk = torch.where(moved[..., None], rerotate(kk, vpos - idx, inv_freq), kk)

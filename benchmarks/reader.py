@@ -1,0 +1,167 @@
+"""The reader adapter on held-out retrieval tasks: ctxmem with and without it, same prompts, same run.
+
+Tasks are ``ctxmem.reader.tasks`` (the training generator) with two things training never sees:
+haystack code from the held-out standard library modules (``ctxmem.compress.data.HELDOUT``), and
+seeds from a separate range. An answer counts as found when the asked value appears in the first
+generated tokens. ``attended`` says whether the embedder's vote put the value in front of the
+question (the reader cannot read what retrieval missed). Also: the perplexity of held-out code under
+the reader (it is on for the last chunk of a read), to show what it costs plain language modelling.
+
+    python -m benchmarks.reader --reader smollm2-reader --lengths 2048,8192 --samples 20
+Writes benchmarks/results/OUT.json (default ``reader``) and OUT.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+
+import torch
+
+import ctxmem
+from benchmarks.common import Timer, machine, write_json, RESULTS
+from ctxmem.reader.tasks import make_task
+from ctxmem.reader.train import prompt_ids
+
+SEED0 = 7_000_000  # training uses seed * 1_000_003 + step with small seeds: far from this range
+
+
+def heldout_texts() -> list[str]:
+    from ctxmem.compress.data import read_text, stdlib_files
+
+    return [read_text(f) for f in stdlib_files(heldout=True)]
+
+
+def attended(tok, embedder, cfg, ids: list[int], value: str) -> bool:
+    """Would the question chunk attend the value? (the cache's own vote, replayed without the model)"""
+    from ctxmem.memory.text_index import BlockTextIndex
+    from ctxmem.ops import OpParams, middle_blocks
+
+    p = OpParams(cfg.block_size, cfg.topk_blocks, cfg.sink_tokens, cfg.local_tokens, 1.0)
+    t = max(0, len(ids) - cfg.prefill_chunk)  # the last chunk is cut full from the end (wrap._chunk_bounds)
+    nmid = middle_blocks(t, p)
+    S, sink = cfg.block_size, cfg.sink_tokens
+    if nmid <= cfg.topk_blocks:
+        return True
+    bias, _ = BlockTextIndex(tok, embedder).vote(0, ids, nmid, sink, S, query_tokens=cfg.query_tokens,
+                                                 hits=cfg.embed_hits, neighbors=cfg.embed_neighbors,
+                                                 margin=cfg.embed_margin)
+    parts = [ids[:sink]] + [ids[sink + j * S: sink + (j + 1) * S] for j in range(nmid) if bias[j] > 0]
+    parts.append(ids[sink + nmid * S:])
+    return value in " ".join(tok.decode(x) for x in parts)
+
+
+@torch.no_grad()
+def code_nll(model, tok, texts, n_windows: int, length: int, target: int) -> float:
+    """Mean NLL of the last ``target`` tokens of held-out code windows read through working memory."""
+    total, count = 0.0, 0
+    rng = random.Random(0)
+    for _ in range(n_windows):
+        t = rng.choice(texts)
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        s = rng.randrange(0, max(1, len(ids) - length))
+        w = torch.tensor([ids[s:s + length]])
+        logits = model(w, logits_to_keep=target + 1).logits[0, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, w[0, -target:], reduction="sum"))
+        count += target
+    return total / count
+
+
+def run(args):
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = ctxmem.load_model("smollm2")
+    texts = heldout_texts()
+    embedder = ctxmem.load_embedder("minilm")
+    from ctxmem.cli import _parse_overrides
+    methods = {"ctxmem": ctxmem.MemoryConfig(reader=None), "ctxmem+reader": ctxmem.MemoryConfig(reader=args.reader)}
+    for spec in args.variant:  # NAME:KEY=VALUE,...: another config on the same prompts
+        name, _, sets = spec.partition(":")
+        methods[name] = ctxmem.MemoryConfig(**_parse_overrides(sets.split(",") if sets else []))
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows, nll = [], {}
+    samples = {n: [make_task(SEED0 + 1000 * n + i, texts, int(n * args.chars_per_token)) for i in range(args.samples)]
+               for n in lengths}
+    for method, cfg in methods.items():
+        ctxmem.wrap(model, cfg, tokenizer=tok, embedder=embedder)
+        for n in lengths:
+            for i, task in enumerate(samples[n]):
+                ids = prompt_ids(tok, task.messages_user)
+                with Timer() as t:
+                    out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
+                                         pad_token_id=tok.eos_token_id)
+                text = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+                row = dict(method=method, length=n, tokens=len(ids), sample=i, depth=round(task.depth, 3),
+                           value=task.value, found=task.value in text,
+                           attended=attended(tok, embedder, cfg, ids, task.value),
+                           answer=text, seconds=round(t.seconds, 2))
+                rows.append(row)
+                print(f"{method:14s} {n:>6d} #{i:<3d} found={row['found']!s:5s} attended={row['attended']!s:5s} "
+                      f"{t.seconds:5.1f}s {text[:48]!r}", flush=True)
+        if args.nll_windows:
+            nll[method] = code_nll(model, tok, texts, args.nll_windows, args.nll_length, args.nll_target)
+            print(f"{method}: held-out code NLL {nll[method]:.4f} (ppl {math.exp(nll[method]):.3f})", flush=True)
+        ctxmem.unwrap(model)
+    summary = {}
+    for r in rows:
+        s = summary.setdefault(f"{r['method']}/{r['length']}", dict(found=0, attended=0, found_when_attended=0, n=0))
+        s["n"] += 1
+        s["found"] += r["found"]
+        s["attended"] += r["attended"]
+        s["found_when_attended"] += r["found"] and r["attended"]
+    result = dict(machine=machine(), reader=args.reader, configs={m: c.to_dict() for m, c in methods.items()},
+                  lengths=lengths, samples=args.samples,
+                  nll={m: round(v, 4) for m, v in nll.items()}, nll_windows=args.nll_windows,
+                  nll_length=args.nll_length, nll_target=args.nll_target, summary=summary, rows=rows)
+    path = write_json(args.out, result)
+    plot(result, args.out)
+    print(f"wrote {path}")
+    print(json.dumps(summary, indent=1))
+
+
+def plot(result, name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    colors = ["#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for method, color in zip(dict.fromkeys(r["method"] for r in result["rows"]), colors):
+        xs = [n for n in result["lengths"] if f"{method}/{n}" in result["summary"]]
+        ys = [result["summary"][f"{method}/{n}"]["found"] / result["summary"][f"{method}/{n}"]["n"] for n in xs]
+        ax.plot(xs, ys, "o-", color=color, label=method)
+    xs = result["lengths"]
+    ys = [result["summary"][f"ctxmem/{n}"]["attended"] / result["summary"][f"ctxmem/{n}"]["n"] for n in xs]
+    ax.plot(xs, ys, "k--", lw=1, label="value attended (retrieval)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{n // 1024}K" for n in xs])
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("found")
+    ax.set_title(f"held-out retrieval tasks ({result['samples']} per length)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reader", default="smollm2-reader", help="bundled name or folder")
+    p.add_argument("--lengths", default="2048,8192")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--chars-per-token", type=float, default=3.3)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--nll-windows", type=int, default=8)
+    p.add_argument("--nll-length", type=int, default=2048)
+    p.add_argument("--nll-target", type=int, default=128)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="another MemoryConfig on the same prompts, e.g. q16:query_tokens=16")
+    p.add_argument("--out", default="reader")
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Train the reader adapter with ctxmem attention in the loop.
+
+    python -m ctxmem.reader.train --out runs/reader --steps 300        # resumes from --out if present
+
+Each step: a synthetic retrieval task (``tasks.py``) of ``--min-tokens``..``--max-tokens`` tokens as a
+chat prompt; the wrapped model reads its body with the adapter off and no gradient (the numba kernel
+does the work), exactly as at inference; the question chunk and the teacher-forced answer run with
+the adapter on and autograd on (the op's torch reference has the backward), and the loss is the
+cross-entropy of the answer. Since the question attends sinks + retrieved blocks + local window
+whatever the context length, short haystacks train the composition long ones present.
+A step whose asked fact is not among the attended tokens (the embedder missed it) is skipped: its
+answer could only be guessed, and guessing is not what the adapter should learn.
+
+Task ``s`` depends only on ``(seed, s)``, and the run folder holds the adapter, the optimizer state
+(safetensors) and ``train_state.json`` (written last), so rerunning the command resumes where it
+stopped and sees the tasks an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .._atomic import atomic_write_bytes
+from .adapter import Reader, ReaderConfig, ReaderError
+
+STATE_FILE = "train_state.json"
+OPT_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class Example:
+    prompt: list[int]  # read through working memory; its last chunk is the question
+    answer: list[int]  # teacher-forced after it
+    visible: Callable | None = None  # (cache) -> bool: is what the answer needs among the attended tokens?
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 300
+    lr: float = 2e-4
+    warmup: int = 20
+    clip: float = 1.0
+    seed: int = 0
+    save_every: int = 25
+
+
+def example_loss(model, ex: Example, new_cache) -> torch.Tensor | None:
+    """Cross-entropy of ``ex.answer`` after reading ``ex.prompt`` through a fresh working memory
+    (None when ``ex.visible`` says the needed tokens were not attended). Call under grad."""
+    cache = new_cache(model)
+    cache.record_selection = ex.visible is not None
+    out = model(torch.tensor([ex.prompt]), cache=cache, logits_to_keep=1)
+    if ex.visible is not None and not ex.visible(cache):
+        return None
+    cache.record_selection = False
+    first = out.logits[0, -1:]
+    if len(ex.answer) > 1:
+        # The answer is teacher-forced as one more question chunk, not token by token (2 forwards a
+        # step instead of one per token). Its block choice sees the whole answer, where a decode step
+        # sees the tokens before it; the first answer token, the one that decides, comes from the question.
+        rest = model(torch.tensor([ex.answer[:-1]]), cache=cache, logits_to_keep=0).logits[0]
+        first = torch.cat([first, rest])
+    return torch.nn.functional.cross_entropy(first.float(), torch.tensor(ex.answer))
+
+
+def train(model, reader: Reader, make_example: Callable[[int], Example], out_dir: str | Path,
+          ts: TrainSettings, task: dict | None = None, progress: bool = True, log: Callable = print) -> dict:
+    """Train ``reader`` (its model already wrapped with ``reader=reader``) for ``ts.steps`` steps.
+
+    ``task``: what ``make_example`` depends on besides the step (recorded; a resume must match).
+    Resumes from ``out_dir`` when it holds a run made with the same settings, task and reader config."""
+    from safetensors.torch import load, save
+
+    from ..hf.wrap import new_cache
+
+    if getattr(model, "_ctxmem", None) is None or model._ctxmem.reader is not reader:
+        raise ReaderError("reader.train: wrap the model with reader=<this reader> first")
+    out_dir = Path(out_dir)
+    params = list(reader.parameters().values())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=ts.lr, weight_decay=0.0)
+    state = {"step": 0, "log": [], "settings": asdict(ts), "task": task or {}, "reader": asdict(reader.config)}
+    sfile = out_dir / STATE_FILE
+    if sfile.is_file():
+        try:
+            saved = json.loads(sfile.read_text())
+        except ValueError as e:
+            raise ReaderError(f"{sfile}: unreadable ({e}); delete {out_dir} to start over") from e
+        same = {k: v for k, v in saved["settings"].items() if k not in ("steps", "save_every")}
+        now = {k: v for k, v in asdict(ts).items() if k not in ("steps", "save_every")}
+        if same != now or saved.get("task") != state["task"] or saved.get("reader") != state["reader"]:
+            raise ReaderError(f"{sfile}: resuming needs the same settings; saved {saved.get('settings')} "
+                              f"{saved.get('task')} {saved.get('reader')}, given {asdict(ts)} {state['task']} "
+                              f"{state['reader']}; use another --out or delete {out_dir}")
+        loaded = Reader.from_pretrained(out_dir, model)  # weights of the run, then moved into ours
+        reader.load_weights({k: v.detach() for k, v in loaded.parameters().items()})
+        loaded.remove_adapter()
+        blob = load((out_dir / OPT_FILE).read_bytes())
+        opt.load_state_dict({"state": {i: {"step": blob[f"{i}.step"][0], "exp_avg": blob[f"{i}.exp_avg"],
+                                           "exp_avg_sq": blob[f"{i}.exp_avg_sq"]}
+                                       for i in range(len(params)) if f"{i}.step" in blob},
+                             "param_groups": opt.state_dict()["param_groups"]})
+        state.update(step=saved["step"], log=saved["log"])
+        log(f"reader: resuming {out_dir} from step {state['step']}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=ts.steps, initial=state["step"], unit="step", desc="reader")
+    while state["step"] < ts.steps:
+        step = state["step"]
+        t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = ts.lr * min(1.0, (step + 1) / max(1, ts.warmup))
+        torch.manual_seed(ts.seed * 1_000_003 + step)
+        with torch.enable_grad():
+            loss = example_loss(model, make_example(step), new_cache)
+            if loss is not None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, ts.clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        state["log"].append({"step": step, "loss": None if loss is None else round(loss.item(), 4),
+                             "seconds": round(time.time() - t0, 2)})
+        state["step"] = step + 1
+        if bar is not None:
+            recent = [r["loss"] for r in state["log"][-50:] if r["loss"] is not None]
+            bar.set_postfix(loss=f"{sum(recent) / max(1, len(recent)):.3f}",
+                            skipped=sum(r["loss"] is None for r in state["log"][-50:]))
+            bar.update(1)
+        if state["step"] % ts.save_every == 0 or state["step"] == ts.steps:
+            _save(reader, opt, params, state, out_dir, save)
+    if bar is not None:
+        bar.close()
+    return state
+
+
+def _save(reader, opt, params, state, out_dir: Path, save) -> None:
+    # weights and optimizer first, the state file (which names the step) last: a crash in between
+    # resumes from the previous state file and repeats at most one save's steps
+    reader.save_pretrained(out_dir, meta={"trained_steps": state["step"], "settings": state["settings"]})
+    st = opt.state_dict()["state"]
+    blob = {}
+    for i in range(len(params)):
+        if i in st:
+            blob[f"{i}.step"] = torch.as_tensor(st[i]["step"], dtype=torch.float32).reshape(1)
+            blob[f"{i}.exp_avg"] = st[i]["exp_avg"].contiguous()
+            blob[f"{i}.exp_avg_sq"] = st[i]["exp_avg_sq"].contiguous()
+    atomic_write_bytes(out_dir / OPT_FILE, save(blob))
+    atomic_write_bytes(out_dir / STATE_FILE, (json.dumps(state) + "\n").encode())
+
+
+# ---- the synthetic tasks on a real model -------------------------------------------------------
+def prompt_ids(tok, user: str) -> list[int]:
+    return list(tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"])
+
+
+def attended_text(cache, tok) -> str:
+    """The text the last chunk attended in row 0: sinks, the blocks layer 0 selected, the local window."""
+    from ..ops import middle_blocks
+
+    ids, cfg = cache.token_ids[0], cache.cfg
+    t = len(ids) - int(cache.n_new[0])
+    local_start = min(cfg.sink_tokens, t) + middle_blocks(t, cache.op_params(1.0)) * cfg.block_size
+    parts = [ids[:min(cfg.sink_tokens, t)]]
+    sel = cache.last_selection.get(0)
+    if sel is not None:
+        for j in sorted({int(j) for j in sel[0].flatten().tolist() if j >= 0}):
+            s = cfg.sink_tokens + j * cfg.block_size
+            parts.append(ids[s:s + cfg.block_size])
+    parts.append(ids[local_start:])
+    return " ".join(tok.decode(x) for x in parts)
+
+
+def stdlib_texts(max_files: int = 400, seed: int = 0) -> list[str]:
+    """Source of the standard library's training modules (never the held-out ones), as haystack text."""
+    from ..compress.data import read_text, stdlib_files
+
+    files = stdlib_files(heldout=False)
+    random.Random(seed).shuffle(files)
+    out = []
+    for f in files:
+        t = read_text(f)
+        if len(t) > 4000:
+            out.append(t)
+            if len(out) >= max_files:
+                break
+    return out
+
+
+def task_examples(tok, seed: int, min_tokens: int, max_tokens: int, chars_per_token: float = 3.6):
+    """``step -> Example`` over the synthetic retrieval tasks (depends only on seed and step)."""
+    from .tasks import make_task
+
+    texts = stdlib_texts(seed=seed)
+    end = tok("<|im_end|>", add_special_tokens=False)["input_ids"]
+
+    def make(step: int) -> Example:
+        rng = random.Random(f"{seed}:{step}")
+        n_tok = rng.randint(min_tokens, max_tokens)
+        task = make_task(seed * 1_000_003 + step, texts, n_chars=int(n_tok * chars_per_token))
+        ans = tok(task.answer, add_special_tokens=False)["input_ids"] + end
+        return Example(prompt_ids(tok, task.messages_user), ans,
+                       visible=lambda cache: task.value in attended_text(cache, tok))
+
+    return make
+
+
+def main(argv=None) -> None:
+    import ctxmem
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="run folder (resumed when it holds a run)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--min-tokens", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--config", default="{}", help="MemoryConfig overrides as JSON (default: the defaults)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = ctxmem.load_model(args.model)
+    reader = Reader(model, ReaderConfig(base_model=args.model, lora_r=args.rank, lora_alpha=2 * args.rank,
+                                        lora_targets=args.targets.split(",")), seed=args.seed)
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**json.loads(args.config)), tokenizer=tok, reader=reader)
+    ts = TrainSettings(steps=args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed, save_every=args.save_every)
+    make = task_examples(tok, args.seed, args.min_tokens, args.max_tokens)
+    task = {"model": args.model, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens,
+            "config": json.loads(args.config)}
+    state = train(model, reader, make, args.out, ts, task=task)
+    done = [r for r in state["log"] if r["loss"] is not None]
+    print(json.dumps({"out": str(args.out), "steps": state["step"], "trained": len(done),
+                      "skipped": state["step"] - len(done),
+                      "loss_last50": round(sum(r["loss"] for r in done[-50:]) / max(1, len(done[-50:])), 4)}))
+
+
+if __name__ == "__main__":
+    main()
