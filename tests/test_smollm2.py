@@ -127,3 +127,25 @@ def test_cli_ask_memory_reads_once_then_loads(tmp_path, capsys):
     assert third["memory"]["action"] == "read and saved" and "Biscuit" in third["answer"]
     assert cli_main(["ask", "q", "--memory", str(tmp_path / "none.mem")]) == 2
     assert "no memory at" in capsys.readouterr().err
+
+
+def test_bundled_reader_loads_and_answers_a_held_out_task(smollm2):
+    """The bundled reader: attached by load_model, loaded by wrap(reader="auto"), and answering a
+    held-out task of benchmarks.reader (2K, sample 0: found with the reader in results/reader.json)."""
+    from benchmarks.reader import SEED0, heldout_texts
+    from ctxmem.reader.tasks import make_task
+    from ctxmem.reader.train import prompt_ids
+
+    model, tok = smollm2
+    assert model.ctxmem_reader == "smollm2-reader"
+    task = make_task(SEED0 + 1000 * 2048 + 0, heldout_texts(), int(2048 * 3.3))
+    ids = torch.tensor([prompt_ids(tok, task.messages_user)])
+    stock = model(ids[:, -64:]).logits
+    ctxmem.wrap(model, ctxmem.MemoryConfig(reader="auto"), tokenizer=tok)
+    try:
+        assert model._ctxmem.reader.source.endswith("smollm2-reader")
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
+    finally:
+        ctxmem.unwrap(model)
+    assert task.value in tok.decode(out[0, ids.shape[1]:]), tok.decode(out[0, ids.shape[1]:])
+    assert torch.equal(model(ids[:, -64:]).logits, stock)  # the adapter left with unwrap
