@@ -33,23 +33,19 @@ def heldout_texts() -> list[str]:
     return [read_text(f) for f in stdlib_files(heldout=True)]
 
 
-def attended(tok, embedder, cfg, ids: list[int], value: str) -> bool:
-    """Would the question chunk attend the value? (the cache's own vote, replayed without the model)"""
-    from ctxmem.memory.text_index import BlockTextIndex
-    from ctxmem.ops import OpParams, middle_blocks
+def attended(cfg, ids: list[int], value: str, index) -> bool:
+    """Would the question chunk attend the value? (the cache's own vote, replayed without the model;
+    ``index``: a BlockTextIndex of this prompt, shared across methods so its blocks are embedded once)"""
+    from ctxmem.ops import middle_blocks
+    from ctxmem.reader.train import cfg_params, composed_text
 
-    p = OpParams(cfg.block_size, cfg.topk_blocks, cfg.sink_tokens, cfg.local_tokens, 1.0)
     t = max(0, len(ids) - cfg.prefill_chunk)  # the last chunk is cut full from the end (wrap._chunk_bounds)
-    nmid = middle_blocks(t, p)
-    S, sink = cfg.block_size, cfg.sink_tokens
+    nmid = middle_blocks(t, cfg_params(cfg))
     if nmid <= cfg.topk_blocks:
         return True
-    bias, _ = BlockTextIndex(tok, embedder).vote(0, ids, nmid, sink, S, query_tokens=cfg.query_tokens,
-                                                 hits=cfg.embed_hits, neighbors=cfg.embed_neighbors,
-                                                 margin=cfg.embed_margin)
-    parts = [ids[:sink]] + [ids[sink + j * S: sink + (j + 1) * S] for j in range(nmid) if bias[j] > 0]
-    parts.append(ids[sink + nmid * S:])
-    return value in " ".join(tok.decode(x) for x in parts)
+    bias, _ = index.vote(0, ids, nmid, cfg.sink_tokens, cfg.block_size, query_tokens=cfg.query_tokens,
+                         hits=cfg.embed_hits, neighbors=cfg.embed_neighbors, margin=cfg.embed_margin)
+    return value in composed_text(index.tokenizer, ids, t, cfg, {j for j in range(nmid) if bias[j] > 0})
 
 
 @torch.no_grad()
@@ -81,7 +77,10 @@ def run(args):
         name, _, sets = spec.partition(":")
         methods[name] = ctxmem.MemoryConfig(**_parse_overrides(sets.split(",") if sets else []))
     lengths = [int(x) for x in args.lengths.split(",")]
+    from ctxmem.memory.text_index import BlockTextIndex
+
     rows, nll = [], {}
+    indexes = {}  # (length, sample) -> the prompt's block index, embedded once for every method
     samples = {n: [make_task(SEED0 + 1000 * n + i, texts, int(n * args.chars_per_token)) for i in range(args.samples)]
                for n in lengths}
     for method, cfg in methods.items():
@@ -95,7 +94,8 @@ def run(args):
                 text = tok.decode(out[0, len(ids):], skip_special_tokens=True)
                 row = dict(method=method, length=n, tokens=len(ids), sample=i, depth=round(task.depth, 3),
                            value=task.value, found=task.value in text,
-                           attended=attended(tok, embedder, cfg, ids, task.value),
+                           attended=attended(cfg, ids, task.value,
+                                             indexes.setdefault((n, i), BlockTextIndex(tok, embedder))),
                            answer=text, seconds=round(t.seconds, 2))
                 rows.append(row)
                 print(f"{method:14s} {n:>6d} #{i:<3d} found={row['found']!s:5s} attended={row['attended']!s:5s} "

@@ -133,9 +133,9 @@ class Reader:
         atomic_write_bytes(path / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
         return path
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, model: nn.Module) -> "Reader":
-        """Load a bundled reader (``"smollm2-reader"``) or a saved folder onto ``model``."""
+    @staticmethod
+    def read_checkpoint(name_or_path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+        """(reader.json's document, the LoRA tensors, the folder) of a bundled name or a folder, checksum verified."""
         from safetensors.torch import load
 
         path = resolve_checkpoint(name_or_path)
@@ -155,9 +155,15 @@ class Reader:
             raise ReaderError(f"{wfile}: cannot read reader weights ({e})") from e
         if hashlib.sha256(blob).hexdigest() != doc["weights"]["sha256"]:
             raise ReaderError(f"{wfile}: checksum mismatch (file corrupt or not the one {cfile} describes)")
-        reader = cls(model, ReaderConfig.from_dict(doc["config"], where=str(cfile)))
+        return doc, load(blob), path
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, model: nn.Module) -> "Reader":
+        """Load a bundled reader (``"smollm2-reader"``) or a saved folder onto ``model``."""
+        doc, state, path = cls.read_checkpoint(name_or_path)
+        reader = cls(model, ReaderConfig.from_dict(doc["config"], where=str(path / CONFIG_FILE)))
         try:
-            reader.load_weights(load(blob), where=str(wfile))
+            reader.load_weights(state, where=str(path / WEIGHTS_FILE))
         except BaseException:
             reader.remove_adapter()  # leave the caller's model as it was
             raise

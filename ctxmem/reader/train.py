@@ -102,9 +102,7 @@ def train(model, reader: Reader, make_example: Callable[[int], Example], out_dir
             raise ReaderError(f"{sfile}: resuming needs the same settings; saved {saved.get('settings')} "
                               f"{saved.get('task')} {saved.get('reader')}, given {asdict(ts)} {state['task']} "
                               f"{state['reader']}; use another --out or delete {out_dir}")
-        loaded = Reader.from_pretrained(out_dir, model)  # weights of the run, then moved into ours
-        reader.load_weights({k: v.detach() for k, v in loaded.parameters().items()})
-        loaded.remove_adapter()
+        reader.load_weights(Reader.read_checkpoint(out_dir)[1], where=str(out_dir))
         blob = load((out_dir / OPT_FILE).read_bytes())
         opt.load_state_dict({"state": {i: {"step": blob[f"{i}.step"][0], "exp_avg": blob[f"{i}.exp_avg"],
                                            "exp_avg_sq": blob[f"{i}.exp_avg_sq"]}
@@ -165,21 +163,29 @@ def prompt_ids(tok, user: str) -> list[int]:
                                         tokenize=True, return_dict=True)["input_ids"])
 
 
-def attended_text(cache, tok) -> str:
-    """The text the last chunk attended in row 0: sinks, the blocks layer 0 selected, the local window."""
+def composed_text(tok, ids: list[int], t: int, cfg, blocks) -> str:
+    """The text a chunk starting at position ``t`` attends: sinks, the middle ``blocks``, the local window."""
     from ..ops import middle_blocks
 
-    ids, cfg = cache.token_ids[0], cache.cfg
-    t = len(ids) - int(cache.n_new[0])
-    local_start = min(cfg.sink_tokens, t) + middle_blocks(t, cache.op_params(1.0)) * cfg.block_size
-    parts = [ids[:min(cfg.sink_tokens, t)]]
-    sel = cache.last_selection.get(0)
-    if sel is not None:
-        for j in sorted({int(j) for j in sel[0].flatten().tolist() if j >= 0}):
-            s = cfg.sink_tokens + j * cfg.block_size
-            parts.append(ids[s:s + cfg.block_size])
+    sink, S = min(cfg.sink_tokens, t), cfg.block_size
+    local_start = sink + middle_blocks(t, cfg_params(cfg)) * S
+    parts = [ids[:sink]] + [ids[cfg.sink_tokens + j * S: cfg.sink_tokens + (j + 1) * S] for j in sorted(blocks)]
     parts.append(ids[local_start:])
     return " ".join(tok.decode(x) for x in parts)
+
+
+def cfg_params(cfg):
+    from ..ops import OpParams
+
+    return OpParams(cfg.block_size, cfg.topk_blocks, cfg.sink_tokens, cfg.local_tokens, 1.0)
+
+
+def attended_text(cache, tok) -> str:
+    """The text the last chunk attended in row 0 (with the blocks layer 0 selected for it)."""
+    ids = cache.token_ids[0]
+    sel = cache.last_selection.get(0)
+    blocks = set() if sel is None else {int(j) for j in sel[0].flatten().tolist() if j >= 0}
+    return composed_text(tok, ids, len(ids) - int(cache.n_new[0]), cache.cfg, blocks)
 
 
 def stdlib_texts(max_files: int = 400, seed: int = 0) -> list[str]:
