@@ -8,8 +8,12 @@ does the work), exactly as at inference; the question chunk and the teacher-forc
 the adapter on and autograd on (the op's torch reference has the backward), and the loss is the
 cross-entropy of the answer. Since the question attends sinks + retrieved blocks + local window
 whatever the context length, short haystacks train the composition long ones present.
-A step whose asked fact is not among the attended tokens (the embedder missed it) is skipped: its
-answer could only be guessed, and guessing is not what the adapter should learn.
+A step whose asked fact is not among the attended tokens (the embedder missed it) has no answer loss:
+its answer could only be guessed, and guessing is not what the adapter should learn.
+
+With ``--kl-weight`` > 0 each step also reads a plain window of training-module code twice, adapter off
+and on, and adds KL(off || on) over the predictions of its last chunk: the adapter is on for the last
+chunk of every read, so it must leave plain language modelling where the stock model had it.
 
 Task ``s`` depends only on ``(seed, s)``, and the run folder holds the adapter, the optimizer state
 (safetensors) and ``train_state.json`` (written last), so rerunning the command resumes where it
@@ -49,6 +53,7 @@ class TrainSettings:
     clip: float = 1.0
     seed: int = 0
     save_every: int = 25
+    kl_weight: float = 0.0  # weight of KL(adapter off || on) on a plain window (see kl_loss)
 
 
 def example_loss(model, ex: Example, new_cache) -> torch.Tensor | None:
@@ -70,10 +75,28 @@ def example_loss(model, ex: Example, new_cache) -> torch.Tensor | None:
     return torch.nn.functional.cross_entropy(first.float(), torch.tensor(ex.answer))
 
 
+def kl_loss(model, ids: list[int], new_cache, keep: int) -> torch.Tensor:
+    """KL(adapter off || adapter on) over the next-token predictions of the last ``keep`` positions of
+    ``ids`` read through working memory (mean over positions, in nats). Call under grad."""
+    state = model._ctxmem
+    reader, state.reader = state.reader, None  # the same read with the adapter never switched on
+    try:
+        with torch.no_grad():
+            base = model(torch.tensor([ids]), cache=new_cache(model), logits_to_keep=keep).logits[0].float()
+    finally:
+        state.reader = reader
+    out = model(torch.tensor([ids]), cache=new_cache(model), logits_to_keep=keep).logits[0].float()
+    t_logp, s_logp = base.log_softmax(-1), out.log_softmax(-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+
+
 def train(model, reader: Reader, make_example: Callable[[int], Example], out_dir: str | Path,
-          ts: TrainSettings, task: dict | None = None, progress: bool = True, log: Callable = print) -> dict:
+          ts: TrainSettings, task: dict | None = None, progress: bool = True, log: Callable = print,
+          make_plain: Callable[[int], list[int]] | None = None) -> dict:
     """Train ``reader`` (its model already wrapped with ``reader=reader``) for ``ts.steps`` steps.
 
+    ``make_plain``: ``step -> token ids`` of a plain text window for the KL term (needed when
+    ``ts.kl_weight`` > 0).
     ``task``: what ``make_example`` depends on besides the step (recorded; a resume must match).
     Resumes from ``out_dir`` when it holds a run made with the same settings, task and reader config."""
     from safetensors.torch import load, save
@@ -82,6 +105,9 @@ def train(model, reader: Reader, make_example: Callable[[int], Example], out_dir
 
     if getattr(model, "_ctxmem", None) is None or model._ctxmem.reader is not reader:
         raise ReaderError("reader.train: wrap the model with reader=<this reader> first")
+    if ts.kl_weight > 0 and make_plain is None:
+        raise ReaderError("reader.train: kl_weight > 0 needs make_plain (the plain windows the KL is taken on)")
+    keep = model._ctxmem.cfg.prefill_chunk  # the KL covers the chunk the adapter is on for
     out_dir = Path(out_dir)
     params = list(reader.parameters().values())
     for p in model.parameters():
@@ -96,7 +122,8 @@ def train(model, reader: Reader, make_example: Callable[[int], Example], out_dir
             saved = json.loads(sfile.read_text())
         except ValueError as e:
             raise ReaderError(f"{sfile}: unreadable ({e}); delete {out_dir} to start over") from e
-        same = {k: v for k, v in saved["settings"].items() if k not in ("steps", "save_every")}
+        saved_settings = {**asdict(TrainSettings()), **saved["settings"]}  # runs older than a setting had its default
+        same = {k: v for k, v in saved_settings.items() if k not in ("steps", "save_every")}
         now = {k: v for k, v in asdict(ts).items() if k not in ("steps", "save_every")}
         if same != now or saved.get("task") != state["task"] or saved.get("reader") != state["reader"]:
             raise ReaderError(f"{sfile}: resuming needs the same settings; saved {saved.get('settings')} "
@@ -122,18 +149,24 @@ def train(model, reader: Reader, make_example: Callable[[int], Example], out_dir
         torch.manual_seed(ts.seed * 1_000_003 + step)
         with torch.enable_grad():
             loss = example_loss(model, make_example(step), new_cache)
-            if loss is not None:
-                loss.backward()
+            kl = kl_loss(model, make_plain(step), new_cache, keep) if ts.kl_weight > 0 else None
+            total = [x for x in (loss, None if kl is None else ts.kl_weight * kl) if x is not None]
+            if total:
+                sum(total).backward()
                 torch.nn.utils.clip_grad_norm_(params, ts.clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        state["log"].append({"step": step, "loss": None if loss is None else round(loss.item(), 4),
-                             "seconds": round(time.time() - t0, 2)})
+        rec = {"step": step, "loss": None if loss is None else round(loss.item(), 4)}
+        if kl is not None:
+            rec["kl"] = round(kl.item(), 5)
+        state["log"].append({**rec, "seconds": round(time.time() - t0, 2)})
         state["step"] = step + 1
         if bar is not None:
             recent = [r["loss"] for r in state["log"][-50:] if r["loss"] is not None]
+            kls = [r["kl"] for r in state["log"][-50:] if "kl" in r]
             bar.set_postfix(loss=f"{sum(recent) / max(1, len(recent)):.3f}",
-                            skipped=sum(r["loss"] is None for r in state["log"][-50:]))
+                            skipped=sum(r["loss"] is None for r in state["log"][-50:]),
+                            **({"kl": f"{sum(kls) / len(kls):.4f}"} if kls else {}))
             bar.update(1)
         if state["step"] % ts.save_every == 0 or state["step"] == ts.steps:
             _save(reader, opt, params, state, out_dir, save)
@@ -222,6 +255,23 @@ def task_examples(tok, seed: int, min_tokens: int, max_tokens: int, chars_per_to
     return make
 
 
+def plain_windows(tok, seed: int, min_tokens: int, max_tokens: int):
+    """``step -> token ids``: a window of training-module code (depends only on seed and step)."""
+    texts = stdlib_texts(seed=seed)
+
+    def make(step: int) -> list[int]:
+        rng = random.Random(f"plain:{seed}:{step}")
+        n = rng.randint(min_tokens, max_tokens)
+        while True:
+            text = rng.choice(texts)
+            start = rng.randrange(0, max(1, len(text) - 5 * n))
+            ids = tok(text[start:start + 5 * n], add_special_tokens=False)["input_ids"]  # >= n tokens for code
+            if len(ids) >= n:
+                return ids[:n]
+
+    return make
+
+
 def main(argv=None) -> None:
     import ctxmem
 
@@ -236,6 +286,9 @@ def main(argv=None) -> None:
     p.add_argument("--min-tokens", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--config", default="{}", help="MemoryConfig overrides as JSON (default: the defaults)")
+    p.add_argument("--kl-weight", type=float, default=0.0,
+                   help="weight of KL(adapter off || on) on plain code windows (keeps language modelling)")
+    p.add_argument("--kl-tokens", default="1024,1536", help="MIN,MAX length of the KL's plain code windows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -246,15 +299,20 @@ def main(argv=None) -> None:
     reader = Reader(model, ReaderConfig(base_model=args.model, lora_r=args.rank, lora_alpha=2 * args.rank,
                                         lora_targets=args.targets.split(",")), seed=args.seed)
     ctxmem.wrap(model, ctxmem.MemoryConfig(**json.loads(args.config)), tokenizer=tok, reader=reader)
-    ts = TrainSettings(steps=args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed, save_every=args.save_every)
+    ts = TrainSettings(steps=args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed, save_every=args.save_every,
+                       kl_weight=args.kl_weight)
     make = task_examples(tok, args.seed, args.min_tokens, args.max_tokens)
+    kl_min, kl_max = (int(x) for x in args.kl_tokens.split(","))
+    plain = plain_windows(tok, args.seed, kl_min, kl_max) if args.kl_weight > 0 else None
     task = {"model": args.model, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens,
-            "config": json.loads(args.config)}
-    state = train(model, reader, make, args.out, ts, task=task)
+            "config": json.loads(args.config), **({"kl_tokens": [kl_min, kl_max]} if args.kl_weight > 0 else {})}
+    state = train(model, reader, make, args.out, ts, task=task, make_plain=plain)
     done = [r for r in state["log"] if r["loss"] is not None]
     print(json.dumps({"out": str(args.out), "steps": state["step"], "trained": len(done),
                       "skipped": state["step"] - len(done),
-                      "loss_last50": round(sum(r["loss"] for r in done[-50:]) / max(1, len(done[-50:])), 4)}))
+                      "loss_last50": round(sum(r["loss"] for r in done[-50:]) / max(1, len(done[-50:])), 4),
+                      **({"kl_last50": round(sum(r["kl"] for r in state["log"][-50:]) / len(state["log"][-50:]), 5)}
+                         if args.kl_weight > 0 else {})}))
 
 
 if __name__ == "__main__":
