@@ -9,7 +9,7 @@ import ctxmem
 from conftest import tiny_model
 from ctxmem.reader import Reader, ReaderConfig, ReaderError
 from ctxmem.reader.tasks import make_task
-from ctxmem.reader.train import Example, TrainSettings, example_loss, train
+from ctxmem.reader.train import Example, TrainSettings, example_loss, kl_loss, train
 
 
 def small_cfg(**kw):
@@ -162,6 +162,49 @@ def test_resume_matches_uninterrupted_and_rejects_changed_settings(tmp_path):
     with pytest.raises(ReaderError, match="same settings"):
         train(model, reader, lambda s: None, tmp_path / "b", TrainSettings(steps=6, lr=1e-3), task={"t": 1},
               progress=False, log=lambda *a: None)
+
+
+def test_kl_loss_is_the_divergence_from_the_adapter_off_read():
+    from ctxmem.hf.wrap import new_cache
+
+    model = tiny_model("mistral", seed=3)
+    ids = prompt(100, seed=5)
+    ctxmem.wrap(model, small_cfg())
+    off = model(ids, logits_to_keep=24).logits[0].float().log_softmax(-1)
+    ctxmem.unwrap(model)
+    reader = Reader(model, ReaderConfig(lora_r=4))
+    ctxmem.wrap(model, small_cfg(), reader=reader)
+    with torch.no_grad():
+        assert kl_loss(model, ids[0].tolist(), new_cache, 24).item() == 0.0  # LoRA B = 0: the stock model
+    randomized(reader, seed=1, scale=0.3)
+    with torch.no_grad():
+        got = kl_loss(model, ids[0].tolist(), new_cache, 24)
+        on = model(ids, logits_to_keep=24).logits[0].float().log_softmax(-1)
+    want = (off.exp() * (off - on)).sum(-1).mean()
+    assert want > 1e-3 and abs(got.item() - want.item()) < 1e-5 * max(1.0, want.item())
+    ctxmem.unwrap(model)
+
+
+def test_kl_term_keeps_plain_reading_closer_to_the_stock_model(tmp_path):
+    """The same answer training with and without the KL term: with it, plain windows drift less."""
+    from ctxmem.hf.wrap import new_cache
+
+    plain = prompt(100, seed=11)[0].tolist()
+    drift = {}
+    for w in (0.0, 5.0):
+        model = tiny_model("llama", seed=1)
+        ex = _copy_task(model)
+        reader = Reader(model, ReaderConfig(lora_r=4))
+        ctxmem.wrap(model, small_cfg(), reader=reader)
+        state = train(model, reader, lambda s: ex, tmp_path / f"kl{w}", TrainSettings(steps=12, lr=1e-2, warmup=1,
+                      save_every=12, kl_weight=w), make_plain=lambda s: plain, progress=False, log=lambda *a: None)
+        with torch.no_grad():
+            drift[w] = kl_loss(model, plain, new_cache, 24).item()
+            assert example_loss(model, ex, new_cache).item() < state["log"][0]["loss"]  # still learns the task
+        assert all(("kl" in r) == (w > 0) for r in state["log"])
+    assert drift[5.0] < 0.5 * drift[0.0], drift
+    with pytest.raises(ReaderError, match="make_plain"):
+        train(model, reader, lambda s: ex, tmp_path / "x", TrainSettings(steps=1, kl_weight=1.0), progress=False)
 
 
 @pytest.mark.parametrize("backend", ["numba", "auto"])

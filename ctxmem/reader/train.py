@@ -289,6 +289,8 @@ def main(argv=None) -> None:
     p.add_argument("--kl-weight", type=float, default=0.0,
                    help="weight of KL(adapter off || on) on plain code windows (keeps language modelling)")
     p.add_argument("--kl-tokens", default="1024,1536", help="MIN,MAX length of the KL's plain code windows")
+    p.add_argument("--init", default=None, help="start from this reader checkpoint's weights (a fresh optimizer); "
+                   "pair it with a new --seed so the tasks are new")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -298,6 +300,10 @@ def main(argv=None) -> None:
     model, tok = ctxmem.load_model(args.model)
     reader = Reader(model, ReaderConfig(base_model=args.model, lora_r=args.rank, lora_alpha=2 * args.rank,
                                         lora_targets=args.targets.split(",")), seed=args.seed)
+    init = None
+    if args.init:
+        doc, weights, init = Reader.read_checkpoint(args.init)
+        reader.load_weights(weights, where=str(init))  # a resume then replaces them with the run's own
     ctxmem.wrap(model, ctxmem.MemoryConfig(**json.loads(args.config)), tokenizer=tok, reader=reader)
     ts = TrainSettings(steps=args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed, save_every=args.save_every,
                        kl_weight=args.kl_weight)
@@ -305,7 +311,8 @@ def main(argv=None) -> None:
     kl_min, kl_max = (int(x) for x in args.kl_tokens.split(","))
     plain = plain_windows(tok, args.seed, kl_min, kl_max) if args.kl_weight > 0 else None
     task = {"model": args.model, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens,
-            "config": json.loads(args.config), **({"kl_tokens": [kl_min, kl_max]} if args.kl_weight > 0 else {})}
+            "config": json.loads(args.config), **({"kl_tokens": [kl_min, kl_max]} if args.kl_weight > 0 else {}),
+            **({"init": str(init), "init_sha256": doc["weights"]["sha256"]} if init else {})}
     state = train(model, reader, make, args.out, ts, task=task, make_plain=plain)
     done = [r for r in state["log"] if r["loss"] is not None]
     print(json.dumps({"out": str(args.out), "steps": state["step"], "trained": len(done),
