@@ -49,9 +49,10 @@ def attended(cfg, ids: list[int], value: str, index) -> bool:
 
 
 @torch.no_grad()
-def code_nll(model, tok, texts, n_windows: int, length: int, target: int) -> float:
-    """Mean NLL of the last ``target`` tokens of held-out code windows read through working memory."""
-    total, count = 0.0, 0
+def code_nll(model, tok, texts, n_windows: int, length: int, target: int) -> list[float]:
+    """Per window, the mean NLL of the last ``target`` tokens of held-out code windows read through working
+    memory (the same windows in the same order for any ``n_windows``: the first 8 of 32 are the 8)."""
+    out = []
     rng = random.Random(0)
     for _ in range(n_windows):
         t = rng.choice(texts)
@@ -59,9 +60,8 @@ def code_nll(model, tok, texts, n_windows: int, length: int, target: int) -> flo
         s = rng.randrange(0, max(1, len(ids) - length))
         w = torch.tensor([ids[s:s + length]])
         logits = model(w, logits_to_keep=target + 1).logits[0, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits, w[0, -target:], reduction="sum"))
-        count += target
-    return total / count
+        out.append(float(torch.nn.functional.cross_entropy(logits, w[0, -target:])))
+    return out
 
 
 def run(args):
@@ -76,10 +76,16 @@ def run(args):
     for spec in args.variant:  # NAME:KEY=VALUE,...: another config on the same prompts
         name, _, sets = spec.partition(":")
         methods[name] = ctxmem.MemoryConfig(**_parse_overrides(sets.split(",") if sets else []))
+    if args.methods:  # a subset (e.g. a new reader against a default measured before, or NLL only with --samples 0)
+        keep = args.methods.split(",")
+        unknown = [m for m in keep if m not in methods]
+        if unknown:
+            raise SystemExit(f"benchmarks.reader: unknown --methods {unknown}; have {list(methods)}")
+        methods = {m: methods[m] for m in keep}
     lengths = [int(x) for x in args.lengths.split(",")]
     from ctxmem.memory.text_index import BlockTextIndex
 
-    rows, nll = [], {}
+    rows, nll, per_window = [], {}, {}
     indexes = {}  # (length, sample) -> the prompt's block index, embedded once for every method
     samples = {n: [make_task(SEED0 + 1000 * n + i, texts, int(n * args.chars_per_token)) for i in range(args.samples)]
                for n in lengths}
@@ -101,7 +107,8 @@ def run(args):
                 print(f"{method:14s} {n:>6d} #{i:<3d} found={row['found']!s:5s} attended={row['attended']!s:5s} "
                       f"{t.seconds:5.1f}s {text[:48]!r}", flush=True)
         if args.nll_windows:
-            nll[method] = code_nll(model, tok, texts, args.nll_windows, args.nll_length, args.nll_target)
+            per_window[method] = code_nll(model, tok, texts, args.nll_windows, args.nll_length, args.nll_target)
+            nll[method] = sum(per_window[method]) / len(per_window[method])
             print(f"{method}: held-out code NLL {nll[method]:.4f} (ppl {math.exp(nll[method]):.3f})", flush=True)
         ctxmem.unwrap(model)
     summary = {}
@@ -114,6 +121,7 @@ def run(args):
     result = dict(machine=machine(), reader=args.reader, configs={m: c.to_dict() for m, c in methods.items()},
                   lengths=lengths, samples=args.samples,
                   nll={m: round(v, 4) for m, v in nll.items()}, nll_windows=args.nll_windows,
+                  nll_per_window={m: [round(x, 4) for x in v] for m, v in per_window.items()},
                   nll_length=args.nll_length, nll_target=args.nll_target, summary=summary, rows=rows)
     path = write_json(args.out, result)
     plot(result, args.out)
@@ -132,9 +140,11 @@ def plot(result, name):
         xs = [n for n in result["lengths"] if f"{method}/{n}" in result["summary"]]
         ys = [result["summary"][f"{method}/{n}"]["found"] / result["summary"][f"{method}/{n}"]["n"] for n in xs]
         ax.plot(xs, ys, "o-", color=color, label=method)
+    xs = [n for n in result["lengths"] if f"ctxmem/{n}" in result["summary"]]
+    if xs:
+        ys = [result["summary"][f"ctxmem/{n}"]["attended"] / result["summary"][f"ctxmem/{n}"]["n"] for n in xs]
+        ax.plot(xs, ys, "k--", lw=1, label="value attended (retrieval)")
     xs = result["lengths"]
-    ys = [result["summary"][f"ctxmem/{n}"]["attended"] / result["summary"][f"ctxmem/{n}"]["n"] for n in xs]
-    ax.plot(xs, ys, "k--", lw=1, label="value attended (retrieval)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [f"{n // 1024}K" for n in xs])
     ax.set_ylim(-0.05, 1.05)
@@ -159,6 +169,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="another MemoryConfig on the same prompts, e.g. q16:query_tokens=16")
+    p.add_argument("--methods", default="", help="run only these (comma list of ctxmem, ctxmem+reader, variants)")
     p.add_argument("--out", default="reader")
     run(p.parse_args(argv))
 
