@@ -171,7 +171,7 @@ def plot(result, name):
     ax.set_yscale("log")
     ax.set_xlabel("context tokens")
     ax.set_ylabel("seconds to answer")
-    ax.set_title("Time to answer (CPU, 2 threads)")
+    ax.set_title(f"Time to answer (CPU, {torch.get_num_threads()} torch threads)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
