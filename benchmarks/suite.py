@@ -156,8 +156,9 @@ class MethodUnavailable(RuntimeError):
 
 def method_config(method: str, base):
     if method == "streaming":
-        # StreamingLLM: sinks + recent window only; the window gets ctxmem's retrieved budget too
-        return replace(base, topk_blocks=0, prefill_topk=0, embed_hits=0, selector="keys",
+        # StreamingLLM: sinks + recent window only; the window gets ctxmem's retrieved budget too.
+        # No reader: the baseline is the stock model on a sliding window, as the paper has it.
+        return replace(base, topk_blocks=0, prefill_topk=0, embed_hits=0, selector="keys", reader=None,
                        local_tokens=base.local_tokens + base.topk_blocks * base.block_size)
     return base
 

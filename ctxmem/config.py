@@ -70,9 +70,9 @@ class MemoryConfig:
                     "fp16" (default), "int8" (per-channel scales) or "fp32" (exact)
     offload_dir     folder for the cold file (default: the system temp folder)
     reader          a LoRA adapter (``ctxmem.reader``) switched on for question chunks and decode
-                    steps only: None = none (the default: README says why), "auto" = the one
-                    ``load_model`` attached to a bundled model, else a bundled name ("smollm2-reader")
-                    or a folder
+                    steps only: "auto" (the default) = the one ``load_model`` attached to a bundled
+                    model (SmolLM2: "smollm2-reader"; other models have none), None = none, else a
+                    bundled name or a folder
     """
 
     block_size: int = 64
@@ -94,7 +94,7 @@ class MemoryConfig:
     ram_budget: int | str | None = None
     cold_dtype: str = "fp16"
     offload_dir: str | None = None
-    reader: str | None = None
+    reader: str | None = "auto"
 
     def __post_init__(self):
         self.validate()

@@ -244,25 +244,23 @@ def test_tasks_are_seeded_and_avoid_the_benchmark_templates():
         assert "pass key" not in low and "magic number" not in low and "the grass is green" not in low
 
 
-def test_auto_takes_the_reader_load_model_attached_and_none_is_the_default(tmp_path):
+def test_auto_is_the_default_and_takes_the_reader_load_model_attached(tmp_path):
     model = tiny_model("llama", seed=0)
     randomized(Reader(model, ReaderConfig(lora_r=4))).save_pretrained(tmp_path / "r")
     model = tiny_model("llama", seed=0)
     ids = prompt()
+    assert ctxmem.MemoryConfig().reader == "auto"
     ctxmem.wrap(model, small_cfg())  # no reader attached: "auto" is none
     assert model._ctxmem.reader is None
     plain = model(ids).logits
     ctxmem.unwrap(model)
     model.ctxmem_reader = str(tmp_path / "r")  # what load_model does for a bundled model
-    ctxmem.wrap(model, small_cfg())  # the default is no reader, attached or not
-    assert model._ctxmem.reader is None
-    ctxmem.unwrap(model)
-    ctxmem.wrap(model, small_cfg(reader="auto"))
+    ctxmem.wrap(model, small_cfg())  # the default takes it
     assert model._ctxmem.reader is not None and model._ctxmem.owns_reader
     assert (model(ids).logits - plain).abs().max() > 1e-3
     ctxmem.unwrap(model)  # an adapter wrap loaded is taken out again
     assert not model.model.layers[0].self_attn.q_proj.lora_A
-    ctxmem.wrap(model, small_cfg(reader=None))
+    ctxmem.wrap(model, small_cfg(reader=None))  # None: no reader, attached or not
     assert model._ctxmem.reader is None and torch.equal(model(ids).logits, plain)
     ctxmem.unwrap(model)
     for bad in (0, "", "  "):

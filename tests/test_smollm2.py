@@ -18,9 +18,10 @@ def test_wrapped_equals_stock_when_budget_covers_context(smollm2):
                                                 return_dict=True)["input_ids"]])
     ref = model.generate(ids, max_new_tokens=8, do_sample=False)
     ref_logits = model(ids).logits[:, -1]
-    # small blocks and a short local window so retrieval really runs, topk covering everything
+    # small blocks and a short local window so retrieval really runs, topk covering everything;
+    # no reader (it changes the model on purpose for the question: test_bundled_reader_* covers it)
     ctxmem.wrap(model, ctxmem.MemoryConfig(block_size=32, topk_blocks=64, sink_tokens=16, local_tokens=128,
-                                           prefill_chunk=128), tokenizer=tok)
+                                           prefill_chunk=128, reader=None), tokenizer=tok)
     try:
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
         logits = model(ids).logits[:, -1]

@@ -90,8 +90,8 @@ class CompressorConfig:
 def _need_peft():
     try:
         import peft  # noqa: F401
-    except ImportError as e:  # pragma: no cover - peft is in the `train` extra
-        raise RuntimeError("the compressor needs peft: pip install 'ctxmem[train]' (or pip install peft)") from e
+    except ImportError as e:  # pragma: no cover - peft is a dependency; a trimmed install may lack it
+        raise RuntimeError("the compressor needs peft (a ctxmem dependency): pip install 'peft>=0.12,<0.30'") from e
     return peft
 
 
