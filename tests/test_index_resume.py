@@ -176,3 +176,21 @@ def test_interrupted_add_is_resumed_by_add_to(corpus, tmp_path, monkeypatch):
     assert chunk_list(kb) == chunk_list(ref)
     assert canon(kb) == canon(ref)
     verify_kb(tmp_path / "kb")
+
+
+def test_atomic_write_gives_the_mode_a_plain_write_would(tmp_path):
+    import os
+
+    from ctxmem._atomic import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "new.json", b"{}")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+        (tmp_path / "kept.json").write_bytes(b"1")
+        os.chmod(tmp_path / "kept.json", 0o640)
+        atomic_write_bytes(tmp_path / "kept.json", b"2")
+        assert (tmp_path / "kept.json").stat().st_mode & 0o777 == 0o640 and (tmp_path / "kept.json").read_bytes() == b"2"
+    finally:
+        os.umask(old)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
