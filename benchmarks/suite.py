@@ -11,7 +11,7 @@ Methods (same prompts, same greedy decoding, one after the other on each sample)
   stock              the unwrapped model (sdpa); only up to --stock-max tokens (8K = its trained window)
   streaming          StreamingLLM through the same wrapper: topk 0 (sinks + a local window), the
                      window widened by topk x block so it holds as many tokens as ctxmem's budget
-  ctxmem             working memory with the default MemoryConfig
+  ctxmem             working memory with the default MemoryConfig (the bundled reader on, for SmolLM2)
   ctxmem+kb          ctxmem plus a knowledge index built over the same haystack (RAG), its hits read
                      as a hidden prefix (wrap(model, knowledge=KB))
   ctxmem+compressor  ctxmem+kb with the hits read as summary tokens of the learned compressor
@@ -472,7 +472,9 @@ def readme_block(result: dict) -> str:
             f"Score = RULER's string_match_all (the share of the expected strings found in the answer). "
             f"{result['plan']['note']}. Haystack of the needle tasks and vt: RULER's {result['haystack']!r} filler. "
             f"StreamingLLM = the same wrapper with topk 0 and a local window of "
-            f"{result['streaming_config']['local_tokens']} tokens (ctxmem's budget). "
+            f"{result['streaming_config']['local_tokens']} tokens (ctxmem's budget), no reader. "
+            + (f"ctxmem = the default MemoryConfig (reader {result['config'].get('reader')!r}). "
+               if "config" in result else "") +
             f"Full results: `benchmarks/results/{result['suite']}*.json`.\n")
     if result["unavailable"]:
         head += "\nNot run: " + "; ".join(f"{k}: {v}" for k, v in result["unavailable"].items()) + ".\n"
