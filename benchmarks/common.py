@@ -139,3 +139,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``--variant NAME:KEY=VALUE,...`` -> (NAME, MemoryConfig overrides); ``NAME:`` or ``NAME`` has none."""
+    from ctxmem.cli import _parse_overrides
+
+    name, _, sets = spec.partition(":")
+    return name, _parse_overrides(sets.split(",") if sets else [])

@@ -16,7 +16,7 @@ import time
 import torch
 
 import ctxmem
-from benchmarks.common import Timer, found, machine, passkey_key, passkey_prompt, peak_rss_mb, write_json, RESULTS
+from benchmarks.common import Timer, found, machine, parse_variant, passkey_key, passkey_prompt, peak_rss_mb, write_json, RESULTS
 
 
 class TokenClock:
@@ -63,14 +63,13 @@ def run(args):
                    found=found(text, key), answer=text, seconds=round(sec, 2), prefill_seconds=round(prefill, 2),
                    decode_ms_per_token=round(1000 * decode, 1), peak_rss_mb=round(peak_rss_mb()))
         rows.append(row)
-        print(f"{method:7s} {kind:6s} {n:>6d} d={d:.1f} found={row['found']!s:5s} {sec:6.1f}s "
+        print(f"{method:7s} {kind:6s} {n:>6d} d={d:.2f} found={row['found']!s:5s} {sec:6.1f}s "
               f"decode {row['decode_ms_per_token']:6.1f} ms/tok  {text[:40]!r}", flush=True)
 
-    from ctxmem.cli import _parse_overrides
     variants = {"ctxmem": cfg}
     for spec in args.variant:  # NAME:KEY=VALUE,KEY=VALUE: another ctxmem config on the same prompts
-        name, _, sets = spec.partition(":")
-        variants[name] = ctxmem.MemoryConfig(**{**args.config, **_parse_overrides(sets.split(",") if sets else [])})
+        name, over = parse_variant(spec)
+        variants[name] = ctxmem.MemoryConfig(**{**args.config, **over})
     for method, vcfg in variants.items():
         ctxmem.wrap(model, vcfg, tokenizer=tok)
         for kind in haystacks:

@@ -15,15 +15,13 @@ import time
 import torch
 
 import ctxmem
-from benchmarks.common import found, passkey_key, passkey_prompt
+from benchmarks.common import found, parse_variant, passkey_key, passkey_prompt
 from benchmarks.passkey import answer
 
 DEPTHS = [0.02 + 0.1 * i for i in range(10)]  # the same floats the gate used (not rounded)
 
 
 def main(argv=None) -> None:
-    from ctxmem.cli import _parse_overrides
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--length", type=int, default=16384)
     p.add_argument("--haystack", default="filler", choices=["filler", "real"])
@@ -35,10 +33,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    variants = {}
-    for spec in args.variant or ["default:"]:
-        name, _, sets = spec.partition(":")
-        variants[name] = _parse_overrides(sets.split(",") if sets else [])
+    variants = dict(parse_variant(spec) for spec in args.variant or ["default:"])
     idx = [int(x) for x in args.indices.split(",")] if args.indices else list(range(len(DEPTHS)))
     model, tok = ctxmem.load_model("smollm2")
     results = {}

@@ -20,7 +20,7 @@ import random
 import torch
 
 import ctxmem
-from benchmarks.common import Timer, machine, write_json, RESULTS
+from benchmarks.common import Timer, machine, parse_variant, write_json, RESULTS
 from ctxmem.reader.tasks import make_task
 from ctxmem.reader.train import prompt_ids
 
@@ -71,11 +71,10 @@ def run(args):
     model, tok = ctxmem.load_model("smollm2")
     texts = heldout_texts()
     embedder = ctxmem.load_embedder("minilm")
-    from ctxmem.cli import _parse_overrides
     methods = {"ctxmem": ctxmem.MemoryConfig(reader=None), "ctxmem+reader": ctxmem.MemoryConfig(reader=args.reader)}
     for spec in args.variant:  # NAME:KEY=VALUE,...: another config on the same prompts
-        name, _, sets = spec.partition(":")
-        methods[name] = ctxmem.MemoryConfig(**_parse_overrides(sets.split(",") if sets else []))
+        name, over = parse_variant(spec)
+        methods[name] = ctxmem.MemoryConfig(**over)
     if args.methods:  # a subset (e.g. a new reader against a default measured before, or NLL only with --samples 0)
         keep = args.methods.split(",")
         unknown = [m for m in keep if m not in methods]
