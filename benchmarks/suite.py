@@ -72,6 +72,7 @@ class Cell:
     length: int
     methods: list[str]
     samples: int
+    first: int = 0  # sample indices first .. first + samples - 1 (a later run can extend an earlier one)
 
 
 @dataclass
@@ -110,17 +111,19 @@ def quick_plan() -> Plan:
 
 
 def grid_plan(name: str, tasks: list[str], lengths: list[int], methods: list[str], samples: int, stock_max: int,
-              ppl_lengths: list[int], ppl_corpora: list[str], ppl_samples: int) -> Plan:
+              ppl_lengths: list[int], ppl_corpora: list[str], ppl_samples: int, first: int = 0) -> Plan:
     cells = []
     for n in lengths:
         for t in tasks:
             ms = [m for m in methods if m != "stock" or n <= stock_max]
             if ms:
-                cells.append(Cell(t, n, ms, samples))
+                cells.append(Cell(t, n, ms, samples, first))
     pm = [m for m in methods if m in ("stock", "streaming", "ctxmem")]
     ppl = {m: [n for n in ppl_lengths if m != "stock" or n <= 2 * stock_max] for m in pm}
     return Plan(name, cells, ppl_lengths={m: v for m, v in ppl.items() if v}, ppl_corpora=ppl_corpora,
-                ppl_samples=ppl_samples, note=f"{samples} sample{'s' if samples != 1 else ''} per cell; stock to {stock_max // 1024}K")
+                ppl_samples=ppl_samples,
+                note=f"{samples} sample{'s' if samples != 1 else ''} per cell"
+                     + (f" (samples {first}-{first + samples - 1})" if first else "") + f"; stock to {stock_max // 1024}K")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +292,7 @@ class Runner:
         self.log(f"warm-up: {self.warmup():.1f} s")
         bar = tqdm(total=self.plan.calls(), unit="run", desc="suite", file=sys.stderr, dynamic_ncols=True)
         for cell in self.plan.cells:
-            for i in range(cell.samples):
+            for i in range(cell.first, cell.first + cell.samples):
                 try:
                     sample = self.make(cell.task, cell.length, i)
                 except Exception as e:  # noqa: BLE001 - a generator failure is reported, not fatal
@@ -664,6 +667,8 @@ def main(argv=None):
     p.add_argument("--lengths", default="4096,8192,16384,32768,65536")
     p.add_argument("--methods", default="stock,streaming,ctxmem,ctxmem+kb,ctxmem+compressor")
     p.add_argument("--samples", type=int, default=5, help="samples per (task, length)")
+    p.add_argument("--first-sample", type=int, default=0, metavar="I",
+                   help="run samples I .. I+samples-1 (sample i is the same prompt in every run: extends an earlier run)")
     p.add_argument("--stock-max", type=int, default=8192, help="the stock model runs up to this length")
     p.add_argument("--ppl-lengths", default="2048,4096,8192,16384,32768,65536", help="'' for none")
     p.add_argument("--ppl-corpora", default="code,docs")
@@ -686,6 +691,8 @@ def main(argv=None):
 
     bad = [t for t in _csv(args.tasks) if t not in TASKS]
     badm = [m for m in _csv(args.methods) if m not in METHODS]
+    if args.first_sample < 0 or args.samples < 0:
+        p.error(f"--first-sample ({args.first_sample}) and --samples ({args.samples}) must be >= 0")
     if bad or badm:
         p.error(f"unknown task(s) {bad} / method(s) {badm}; tasks: {list(TASKS)}, methods: {METHODS}")
     if args.quick:
@@ -694,7 +701,8 @@ def main(argv=None):
     else:
         plan = grid_plan("full" if args.lengths == p.get_default("lengths") else "custom", _csv(args.tasks),
                          _csv(args.lengths, int), _csv(args.methods), args.samples, args.stock_max,
-                         _csv(args.ppl_lengths, int), _csv(args.ppl_corpora), args.ppl_samples)
+                         _csv(args.ppl_lengths, int), _csv(args.ppl_corpora), args.ppl_samples,
+                         first=args.first_sample)
         args.out = args.out or "suite"
     if args.readme is None:
         args.readme = args.quick
