@@ -74,6 +74,9 @@ class Cell:
     samples: int
     first: int = 0  # sample indices first .. first + samples - 1 (a later run can extend an earlier one)
 
+    def indices(self) -> range:
+        return range(self.first, self.first + self.samples)
+
 
 @dataclass
 class Plan:
@@ -292,7 +295,7 @@ class Runner:
         self.log(f"warm-up: {self.warmup():.1f} s")
         bar = tqdm(total=self.plan.calls(), unit="run", desc="suite", file=sys.stderr, dynamic_ncols=True)
         for cell in self.plan.cells:
-            for i in range(cell.first, cell.first + cell.samples):
+            for i in cell.indices():
                 try:
                     sample = self.make(cell.task, cell.length, i)
                 except Exception as e:  # noqa: BLE001 - a generator failure is reported, not fatal

@@ -218,3 +218,18 @@ def test_suite_plan_table_and_readme(tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.endswith(f"{suite.END}\ntail\n") and "| niah_single | 4K |" in text
     assert suite.write_readme(result, readme) and readme.read_text().count(suite.BEGIN) == 1
+
+
+def test_first_sample_extends_an_earlier_run():
+    """--first-sample 3 --samples 7 runs exactly the samples a 10-sample run adds to a 3-sample one."""
+    from benchmarks import suite
+
+    def grid(samples, first=0):
+        plan = suite.grid_plan("custom", ["niah_single", "vt"], [4096, 8192], ["stock", "ctxmem"], samples, 4096,
+                               [], ["code"], 1, first=first)
+        return {(c.task, c.length, m, i) for c in plan.cells for m in c.methods for i in c.indices()}
+
+    early, later, whole = grid(3), grid(7, first=3), grid(10)
+    assert early | later == whole and not early & later
+    assert {i for *_, i in later} == set(range(3, 10))
+    assert ("niah_single", 8192, "stock", 5) not in whole  # stock only up to stock_max
