@@ -100,12 +100,13 @@ class Plan:
 
 def quick_plan() -> Plan:
     """Sized to finish in under 10 minutes on 2 idle cores: every task once at 4K for three
-    methods, the retrieval tasks again at 8K, the knowledge index on the code task, and perplexity
-    inside and past the 8K window."""
+    methods, the needles again at 8K (ctxmem, and the stock model on the single needle), the
+    knowledge index on the code task, and perplexity inside and past the 8K window. (StreamingLLM
+    at 8K and vt at 8K were dropped on 2026-11-30: the reader made the plan 11.9 min, and they
+    scored 0 at 4K and 8K in every earlier run.)"""
     base = ["stock", "streaming", "ctxmem"]
     cells = [Cell(t, 4096, base, 1) for t in TASK_ORDER]
-    cells += [Cell("niah_single", 8192, base, 1), Cell("niah_multikey", 8192, ["streaming", "ctxmem"], 1),
-              Cell("vt", 8192, ["streaming", "ctxmem"], 1)]
+    cells += [Cell("niah_single", 8192, ["stock", "ctxmem"], 1), Cell("niah_multikey", 8192, ["ctxmem"], 1)]
     cells.append(Cell("codeqa", 4096, ["ctxmem+kb"], 1))
     # the same KB task with the hits read as summary tokens (recorded as unavailable if no checkpoint loads)
     cells.append(Cell("codeqa", 4096, ["ctxmem+compressor"], 1))
