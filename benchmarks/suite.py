@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from benchmarks.common import RESULTS, PeakRSS, cpu_model, machine, write_json
-from benchmarks.tasks import ChatFrame, score
+from benchmarks.tasks import ChatFrame, score, strict_score
 from benchmarks.tasks import codeqa as codeqa_mod
 from benchmarks.tasks import perplexity as ppl_mod
 from benchmarks.tasks import ruler
@@ -128,6 +128,12 @@ def grid_plan(name: str, tasks: list[str], lengths: list[int], methods: list[str
                 ppl_samples=ppl_samples,
                 note=f"{samples} sample{'s' if samples != 1 else ''} per cell"
                      + (f" (samples {first}-{first + samples - 1})" if first else "") + f"; stock to {stock_max // 1024}K")
+
+
+def _strict(text: str, sample) -> dict:
+    """For multi-key needles: the score with naming a distractor's value counted as a miss."""
+    d = sample.meta.get("distractors")
+    return dict(strict_score=strict_score(text, sample.answers, list(d.values()))) if d else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +255,7 @@ class Runner:
             text, sec, prefill, decode = answer(self.model, self.tok, ids, sample.max_new_tokens)
         return dict(task=sample.task, length=sample.length, method=method, depth=sample.depth, seed=sample.seed,
                     kind=sample.meta.get("kind"), score=score(text, sample.answers), answers=sample.answers,
+                    **_strict(text, sample),
                     prediction=text, seconds=round(sec, 2), prefill_seconds=round(prefill, 2),
                     decode_ms_per_token=round(1000 * decode, 1) if decode == decode else None,
                     peak_rss_mb=round(mem.peak_mb), rss_before_mb=round(mem.start_mb), **info)
@@ -402,11 +409,15 @@ def summarize(rows: list[dict]) -> dict:
             s["errors"] += 1
             continue
         s["score_sum"] += r["score"]
+        if "strict_score" in r:
+            s["strict_sum"] = s.get("strict_sum", 0.0) + r["strict_score"]
         s["seconds"].append(r["seconds"])
         s["peak_rss_mb"].append(r["peak_rss_mb"])
     for s in out.values():
         ok = s["n"] - s["errors"]
         s["score"] = round(s.pop("score_sum") / s["n"], 4) if s["n"] else None  # errors count as 0
+        if "strict_sum" in s:
+            s["strict_score"] = round(s.pop("strict_sum") / s["n"], 4)
         s["seconds"] = round(sum(s["seconds"]) / ok, 2) if ok else None
         s["peak_rss_mb"] = max(s["peak_rss_mb"]) if ok else None
     return out

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.tasks import ChatFrame, codeqa, perplexity, ruler, score
+from benchmarks.tasks import ChatFrame, codeqa, perplexity, ruler, score, strict_score
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,20 @@ def test_score_is_rulers_string_match_all():
     assert score("only 1234567", ["1234567", "7654321"]) == 0.5
     assert score("APPLE", ["apple"]) == 1.0
     assert score("", ["x"]) == 0.0
+
+
+def test_strict_score_counts_a_named_distractor_as_a_miss(tok, frame):
+    smp = ruler.niah_multikey(tok, 4096, depth=0.3, seed=2, frame=frame)
+    right, wrong = smp.answers[0], next(iter(smp.meta["distractors"].values()))
+    assert strict_score(f" {right}.", smp.answers, [wrong]) == 1.0
+    assert score(f" {right} and {wrong}", smp.answers) == 1.0
+    from benchmarks import suite
+
+    rows = [dict(task="niah_multikey", length=4096, method="ctxmem", score=1.0, seconds=1.0, peak_rss_mb=1,
+                 strict_score=v) for v in (1.0, 0.0)]
+    assert suite.summarize(rows)["niah_multikey/4096/ctxmem"]["strict_score"] == 0.5
+    assert strict_score(f" {right} and {wrong}", smp.answers, [wrong]) == 0.0
+    assert strict_score(f" {wrong}.", smp.answers, [wrong]) == 0.0
 
 
 def test_suite_plan_table_and_readme(tmp_path):

@@ -47,6 +47,13 @@ def score(prediction: str, answers: list[str]) -> float:
     return sum(a.lower() in p for a in answers) / len(answers)
 
 
+def strict_score(prediction: str, answers: list[str], distractors: list[str]) -> float:
+    """``score``, but 0 when the prediction also names a distractor's value: string_match_all
+    credits "2918805 and 529226" when only the first is asked for."""
+    p = prediction.lower()
+    return 0.0 if any(d.lower() in p for d in distractors) else score(prediction, answers)
+
+
 class ChatFrame:
     """The model's chat template split around the user message, as token ids.
 
