@@ -41,6 +41,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -64,6 +65,19 @@ LABELS = {"stock": "stock", "streaming": "StreamingLLM", "ctxmem": "ctxmem", "ct
 DEPTHS = [0.5, 0.25, 0.75, 0.1, 0.9, 0.4, 0.6, 0.3, 0.7, 0.05, 0.95]
 KINDS = {"niah_single": ["numbers", "words", "uuids"], "niah_multikey": ["numbers", "uuids"],
          "niah_multivalue": ["numbers"], "codeqa": ["raises", "returns"]}
+
+
+def make_sample(tok, frame, task: str, length: int, i: int, haystack: str = "noise"):
+    """Sample i of a task at a length: the same prompt in every run (seed i, depth and value kind
+    cycling through DEPTHS and KINDS)."""
+    kw = dict(seed=i, frame=frame)
+    if task in KINDS:
+        kw["kind"] = KINDS[task][i % len(KINDS[task])]
+    if task not in ("vt", "cwe"):
+        kw["depth"] = DEPTHS[i % len(DEPTHS)]
+    if task.startswith("niah") or task == "vt":
+        kw["haystack"] = haystack
+    return TASKS[task](tok, length, **kw)
 
 
 @dataclass
@@ -357,15 +371,7 @@ class Runner:
         return self.save(time.perf_counter() - t_start, partial=False)
 
     def make(self, task: str, length: int, i: int):
-        fn = TASKS[task]
-        kw = dict(seed=i, frame=self.frame)
-        if task in KINDS:
-            kw["kind"] = KINDS[task][i % len(KINDS[task])]
-        if task not in ("vt", "cwe"):
-            kw["depth"] = DEPTHS[i % len(DEPTHS)]
-        if task.startswith("niah") or task == "vt":
-            kw["haystack"] = self.args.haystack
-        return fn(self.tok, length, **kw)
+        return make_sample(self.tok, self.frame, task, length, i, self.args.haystack)
 
     @staticmethod
     def _line(r: dict) -> str:
@@ -385,13 +391,71 @@ class Runner:
                       config=self.base.to_dict(), streaming_config=method_config("streaming", self.base).to_dict(),
                       haystack=self.args.haystack, unavailable=self.unavailable,
                       summary=summarize(self.rows), ppl=summarize_ppl(self.ppl_rows))
-        for task in sorted({r["task"] for r in self.rows}):
-            write_json(f"{out}_{task}", dict(suite=out, task=task, machine=m,
-                                             rows=[r for r in self.rows if r["task"] == task]))
-        if self.ppl_rows:
-            write_json(f"{out}_ppl", dict(suite=out, machine=m, rows=self.ppl_rows))
-        write_json(out, result)
+        write_result(result, self.rows, self.ppl_rows)
         return result
+
+
+def write_result(result: dict, rows: list[dict], ppl_rows: list[dict]) -> None:
+    """OUT_TASK.json per task, OUT_ppl.json, then OUT.json (the summary) last."""
+    out, m = result["suite"], result["machine"]
+    for task in sorted({r["task"] for r in rows}):
+        write_json(f"{out}_{task}", dict(suite=out, task=task, machine=m, rows=[r for r in rows if r["task"] == task]))
+    if ppl_rows:
+        write_json(f"{out}_ppl", dict(suite=out, machine=m, rows=ppl_rows))
+    write_json(out, result)
+
+
+def merge(names: list[str], out: str, tok=None) -> tuple[dict, list[dict], list[dict]]:
+    """Several finished runs of one configuration as one result (a run extended with --first-sample,
+    say). Refuses runs whose model, haystack or configs differ, partial runs, and a sample present
+    twice. Each row's prompt is generated again and its answers compared, so runs whose task
+    generators differ cannot be merged; multi-key rows saved before ``strict_score`` existed get it."""
+    if len(names) < 2:
+        raise ValueError(f"--merge needs two or more runs, got {names}")
+    if out in names:
+        raise ValueError(f"--out {out!r} would overwrite one of the merged runs")
+    loaded = [load(n) for n in names]
+    base = loaded[0][0]
+    for n, (res, _, _) in zip(names, loaded):
+        if res.get("partial"):
+            raise ValueError(f"cannot merge {n}: it is a partial run (interrupted)")
+        for key in ("model", "haystack", "config", "streaming_config"):
+            if res.get(key) != base.get(key):
+                raise ValueError(f"cannot merge {names[0]} and {n}: their {key!r} differ")
+    rows = [r for _, rs, _ in loaded for r in rs]
+    ppl_rows = [r for _, _, rs in loaded for r in rs]
+    seen: set = set()
+    for key in [(r["task"], r["length"], r["method"], r["seed"]) for r in rows] + \
+               [("ppl", r["corpus"], r["length"], r["method"], r["seed"]) for r in ppl_rows]:
+        if key in seen:
+            raise ValueError(f"{key} is in more than one of {names}")
+        seen.add(key)
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        from ctxmem.models import resolve_lm_path
+        tok = AutoTokenizer.from_pretrained(resolve_lm_path(base["model"]))
+    frame, made = ChatFrame(tok), {}
+    for r in rows:
+        k = (r["task"], r["length"], r["seed"])
+        if k not in made:
+            made[k] = make_sample(tok, frame, *k, haystack=base["haystack"])
+        smp = made[k]
+        if "answers" in r and r["answers"] != smp.answers:
+            raise ValueError(f"{k}: the saved answers {r['answers']} are not the generator's {smp.answers}")
+        if not r.get("error") and "strict_score" not in r:
+            r.update(_strict(r["prediction"], smp))
+    per_cell = sorted(set(Counter((r["task"], r["length"], r["method"]) for r in rows).values()))
+    result = dict(base, suite=out, partial=False, command=f"python -m benchmarks.suite --merge {','.join(names)} --out {out}",
+                  merged_from=[dict(suite=n, command=res["command"], machine=res["machine"],
+                                    wall_seconds=res["wall_seconds"]) for n, (res, _, _) in zip(names, loaded)],
+                  machine=loaded[-1][0]["machine"], wall_seconds=round(sum(res["wall_seconds"] for res, _, _ in loaded), 1),
+                  plan=dict(base["plan"], name="merged",
+                            note=f"{'-'.join(map(str, per_cell))} samples per cell, merged from {', '.join(names)}"),
+                  unavailable={k: v for res, _, _ in loaded for k, v in res["unavailable"].items()},
+                  summary=summarize(rows), ppl=summarize_ppl(ppl_rows))
+    write_result(result, rows, ppl_rows)
+    return result, rows, ppl_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,6 +762,8 @@ def main(argv=None):
                    help="write the table into README.md (default: on with --quick)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     p.add_argument("--list", action="store_true", help="print tasks, methods and the plan, run nothing")
+    p.add_argument("--merge", default=None, metavar="RUN,RUN,...",
+                   help="write --out as these finished runs together (one configuration, no sample twice), run nothing")
     p.add_argument("--replot", action="store_true",
                    help="redraw the plots (and README with --readme) from the saved JSON of --out, run nothing")
     args = p.parse_args(argv)
@@ -710,6 +776,8 @@ def main(argv=None):
         p.error(f"--first-sample ({args.first_sample}) and --samples ({args.samples}) must be >= 0")
     if bad or badm:
         p.error(f"unknown task(s) {bad} / method(s) {badm}; tasks: {list(TASKS)}, methods: {METHODS}")
+    if args.merge and not args.out:
+        p.error("--merge needs --out NAME")
     if args.quick:
         plan = quick_plan()
         args.out = args.out or "suite_quick"
@@ -721,6 +789,18 @@ def main(argv=None):
         args.out = args.out or "suite"
     if args.readme is None:
         args.readme = args.quick
+    if args.merge:
+        try:
+            result, rows, ppl_rows = merge(_csv(args.merge), args.out)
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
+        written = plot(result, rows, ppl_rows)
+        if args.readme and write_readme(result):
+            print(f"README.md: table written between {BEGIN} and {END}", file=sys.stderr)
+        print("\n".join(table(result)) if not args.json else json.dumps(result))
+        print(f"wrote benchmarks/results/{args.out}.json, per-task json, " + ", ".join(x.name for x in written),
+              file=sys.stderr)
+        return 0
     if args.replot:
         result, rows, ppl_rows = load(args.out)
         written = plot(result, rows, ppl_rows)

@@ -247,3 +247,47 @@ def test_first_sample_extends_an_earlier_run():
     assert early | later == whole and not early & later
     assert {i for *_, i in later} == set(range(3, 10))
     assert ("niah_single", 8192, "stock", 5) not in whole  # stock only up to stock_max
+
+
+def test_merge_runs(tmp_path, monkeypatch, tok, frame):
+    """--merge: two runs of one configuration become one result; each row's prompt is generated
+    again and must give the saved answers; a sample twice, a partial run or another config is refused."""
+    from benchmarks import common, suite
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(suite, "RESULTS", tmp_path)
+
+    def run(name, seeds, config=None, partial=False, answers=None):
+        rows = []
+        for i in seeds:
+            smp = suite.make_sample(tok, frame, "niah_multikey", 1024, i)
+            wrong = next(iter(smp.meta["distractors"].values()))
+            pred = f" {smp.answers[0]} and {wrong}" if i % 2 else f" {smp.answers[0]}."
+            rows.append(dict(task="niah_multikey", length=1024, method="ctxmem", depth=smp.depth, seed=i,
+                             score=1.0, answers=answers or smp.answers, prediction=pred, seconds=1.0, peak_rss_mb=5))
+        res = dict(suite=name, partial=partial, command=f"run {name}", model="smollm2", haystack="noise",
+                   machine=dict(date="d"), wall_seconds=10.0, plan=dict(name="custom", cells=[], note="n"),
+                   config=config or dict(topk=32), streaming_config=dict(local_tokens=704), unavailable={},
+                   summary=suite.summarize(rows), ppl={})
+        suite.write_result(res, rows, [])
+
+    run("a", [0, 1])
+    run("b", [2, 3, 4])
+    result, rows, _ = suite.merge(["a", "b"], "ab", tok=tok)
+    s = result["summary"]["niah_multikey/1024/ctxmem"]
+    assert s["n"] == 5 and s["score"] == 1.0 and s["strict_score"] == 3 / 5  # seeds 1 and 3 name a distractor
+    assert (tmp_path / "ab_niah_multikey.json").exists() and result["wall_seconds"] == 20.0
+    assert [m["suite"] for m in result["merged_from"]] == ["a", "b"]
+    with pytest.raises(ValueError, match="more than one"):
+        suite.merge(["a", "ab"], "x", tok=tok)
+    run("c", [5], config=dict(topk=16))
+    with pytest.raises(ValueError, match="'config' differ"):
+        suite.merge(["a", "c"], "x", tok=tok)
+    run("d", [6], partial=True)
+    with pytest.raises(ValueError, match="partial"):
+        suite.merge(["a", "d"], "x", tok=tok)
+    run("e", [7], answers=["0000000"])
+    with pytest.raises(ValueError, match="not the generator's"):
+        suite.merge(["a", "e"], "x", tok=tok)
+    with pytest.raises(ValueError, match="overwrite"):
+        suite.merge(["a", "b"], "a", tok=tok)
