@@ -6,6 +6,8 @@ Python standard library's source, and perplexity on long real text, for every me
     python -m benchmarks.suite --tasks niah_single,vt --lengths 16384,32768 --methods ctxmem,streaming \\
         --samples 2 --out suite_long              # any sub-grid
     python -m benchmarks.suite --list             # tasks, methods, and the quick plan, without running
+    python -m benchmarks.suite ... --samples 7 --first-sample 3 --out run2   # samples 3-9: extends a 3-sample run
+    python -m benchmarks.suite --merge run1,run2 --out both                  # ... and the two as one result
 
 Methods (same prompts, same greedy decoding, one after the other on each sample):
   stock              the unwrapped model (sdpa); only up to --stock-max tokens (8K = its trained window)
