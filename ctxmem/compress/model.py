@@ -20,9 +20,7 @@ changed outside :meth:`Compressor.encode`: the adapter is off except inside it.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -31,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._atomic import atomic_write_bytes
+from .._checkpoint import CheckpointKind
 
 FORMAT = 1
 KIND = "ctxmem-compressor"
@@ -95,21 +93,12 @@ def _need_peft():
     return peft
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+CHECKPOINT = CheckpointKind("compressor", KIND, FORMAT, BUNDLED_DIR, CompressorError)
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A bundled name (``smollm2-r8``) or a folder holding compressor.json + compressor.safetensors."""
-    p = Path(name_or_path)
-    if (p / CONFIG_FILE).is_file():
-        return p
-    b = BUNDLED_DIR / str(name_or_path)
-    if (b / CONFIG_FILE).is_file():
-        return b
-    bundled = sorted(d.name for d in BUNDLED_DIR.iterdir() if (d / CONFIG_FILE).is_file()) if BUNDLED_DIR.is_dir() else []
-    raise CompressorError(f"no compressor at {str(name_or_path)!r}: not a folder with {CONFIG_FILE} "
-                          f"and not a bundled name (bundled: {', '.join(bundled) or 'none'})")
+    return CHECKPOINT.resolve(name_or_path)
 
 
 class Compressor(nn.Module):
@@ -281,41 +270,13 @@ class Compressor(nn.Module):
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None, meta: dict | None = None) -> Path:
         """Write ``compressor.safetensors`` then ``compressor.json`` (version, config, sha256), atomically."""
-        from safetensors.torch import save
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        blob = save(self.weights(dtype), metadata={"format": "pt", "kind": KIND})
-        atomic_write_bytes(path / WEIGHTS_FILE, blob)
-        doc = {"kind": KIND, "format": FORMAT, "config": self.config.to_dict(),
-               "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(blob),
-                           "dtype": str(dtype or self.slots.dtype).replace("torch.", "")},
-               "meta": meta or {}}
-        atomic_write_bytes(path / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
-        return path
+        return CHECKPOINT.write(path, self.weights(dtype), self.config.to_dict(), meta or {},
+                                weights_info={"dtype": str(dtype or self.slots.dtype).replace("torch.", "")})
 
     @staticmethod
     def read_checkpoint(name_or_path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
-        from safetensors.torch import load
-
-        path = resolve_checkpoint(name_or_path)
-        cfile = path / CONFIG_FILE
-        try:
-            doc = json.loads(cfile.read_text())
-        except (OSError, ValueError) as e:
-            raise CompressorError(f"{cfile}: unreadable compressor config ({e})") from e
-        if not isinstance(doc, dict) or doc.get("kind") != KIND:
-            raise CompressorError(f"{cfile}: not a ctxmem compressor config (kind={doc.get('kind') if isinstance(doc, dict) else None!r})")
-        if doc.get("format") != FORMAT:
-            raise CompressorError(f"{cfile}: compressor format {doc.get('format')!r}, this ctxmem reads format {FORMAT}")
-        wfile = path / doc["weights"]["file"]
-        try:
-            blob = wfile.read_bytes()
-        except OSError as e:
-            raise CompressorError(f"{wfile}: cannot read compressor weights ({e})") from e
-        if _sha256(blob) != doc["weights"]["sha256"]:
-            raise CompressorError(f"{wfile}: checksum mismatch (file corrupt or not the one {cfile} describes)")
-        return doc, load(blob), path
+        """(compressor.json's document, the tensors, the folder) of a bundled name or a folder, checksum verified."""
+        return CHECKPOINT.read(name_or_path)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, model=None, tokenizer=None, device: str | None = None):

@@ -12,9 +12,7 @@ Weights: ``reader.safetensors`` (LoRA A/B) and ``reader.json`` (config, sha256),
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._atomic import atomic_write_bytes
+from .._checkpoint import CheckpointKind
 
 FORMAT = 1
 KIND = "ctxmem-reader"
@@ -56,17 +54,12 @@ class ReaderConfig:
         return cls(**d)
 
 
+CHECKPOINT = CheckpointKind("reader", KIND, FORMAT, BUNDLED_DIR, ReaderError)
+
+
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A bundled name (``smollm2-reader``) or a folder holding reader.json + reader.safetensors."""
-    p = Path(name_or_path)
-    if (p / CONFIG_FILE).is_file():
-        return p
-    b = BUNDLED_DIR / str(name_or_path)
-    if (b / CONFIG_FILE).is_file():
-        return b
-    bundled = sorted(d.name for d in BUNDLED_DIR.iterdir() if (d / CONFIG_FILE).is_file()) if BUNDLED_DIR.is_dir() else []
-    raise ReaderError(f"no reader at {str(name_or_path)!r}: not a folder with {CONFIG_FILE} "
-                      f"and not a bundled name (bundled: {', '.join(bundled) or 'none'})")
+    return CHECKPOINT.resolve(name_or_path)
 
 
 class Reader:
@@ -120,42 +113,13 @@ class Reader:
     # ---- save / load ---------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, meta: dict | None = None) -> Path:
         """Write ``reader.safetensors`` then ``reader.json`` (format, config, sha256), each atomically."""
-        from safetensors.torch import save
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        blob = save({k: v.detach().contiguous().cpu() for k, v in self.parameters().items()},
-                    metadata={"format": "pt", "kind": KIND})
-        atomic_write_bytes(path / WEIGHTS_FILE, blob)
-        doc = {"kind": KIND, "format": FORMAT, "config": asdict(self.config),
-               "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(blob).hexdigest()},
-               "meta": meta if meta is not None else self.meta}
-        atomic_write_bytes(path / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
-        return path
+        return CHECKPOINT.write(path, {k: v.detach().contiguous().cpu() for k, v in self.parameters().items()},
+                                asdict(self.config), meta if meta is not None else self.meta)
 
     @staticmethod
     def read_checkpoint(name_or_path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
         """(reader.json's document, the LoRA tensors, the folder) of a bundled name or a folder, checksum verified."""
-        from safetensors.torch import load
-
-        path = resolve_checkpoint(name_or_path)
-        cfile = path / CONFIG_FILE
-        try:
-            doc = json.loads(cfile.read_text())
-        except (OSError, ValueError) as e:
-            raise ReaderError(f"{cfile}: unreadable reader config ({e})") from e
-        if not isinstance(doc, dict) or doc.get("kind") != KIND:
-            raise ReaderError(f"{cfile}: not a ctxmem reader config")
-        if doc.get("format") != FORMAT:
-            raise ReaderError(f"{cfile}: reader format {doc.get('format')!r}, this ctxmem reads format {FORMAT}")
-        wfile = path / doc["weights"]["file"]
-        try:
-            blob = wfile.read_bytes()
-        except OSError as e:
-            raise ReaderError(f"{wfile}: cannot read reader weights ({e})") from e
-        if hashlib.sha256(blob).hexdigest() != doc["weights"]["sha256"]:
-            raise ReaderError(f"{wfile}: checksum mismatch (file corrupt or not the one {cfile} describes)")
-        return doc, load(blob), path
+        return CHECKPOINT.read(name_or_path)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, model: nn.Module) -> "Reader":
