@@ -64,7 +64,8 @@ def main():
             res[label + ":acc"] += (logits.argmax(-1) == seg).float().mean(1).tolist()
         print(f"{s + b}/{len(ids)} windows, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     out = {"command": " ".join(["python -m benchmarks.compression_compare"] + sys.argv[1:]),
-           "date": time.strftime("%Y-%m-%d", time.gmtime()), "split": a.split, "windows": len(ids), "files": sorted({f for f, _ in windows}), "ratio": a.ratio,
+           "date": time.strftime("%Y-%m-%d", time.gmtime()),
+           "split": a.split, "windows": len(ids), "files": sorted({f for f, _ in windows}), "ratio": a.ratio,
            "seconds": round(time.perf_counter() - t0, 1), "methods": {}, "paired_differences": {}}
     for k in ["truncate", *comps]:
         r, lo, hi = bootstrap_recovered(res["none"], res["full"], res[k])
