@@ -33,8 +33,6 @@ from .._checkpoint import CheckpointKind
 
 FORMAT = 1
 KIND = "ctxmem-compressor"
-CONFIG_FILE = "compressor.json"
-WEIGHTS_FILE = "compressor.safetensors"
 BUNDLED_DIR = Path(__file__).resolve().parent / "checkpoints"
 
 _ADAPTER_IDS = itertools.count()
@@ -94,6 +92,7 @@ def _need_peft():
 
 
 CHECKPOINT = CheckpointKind("compressor", KIND, FORMAT, BUNDLED_DIR, CompressorError)
+CONFIG_FILE, WEIGHTS_FILE = CHECKPOINT.config_file, CHECKPOINT.weights_file  # compressor.json, compressor.safetensors
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:

@@ -24,8 +24,6 @@ from .._checkpoint import CheckpointKind
 
 FORMAT = 1
 KIND = "ctxmem-reader"
-CONFIG_FILE = "reader.json"
-WEIGHTS_FILE = "reader.safetensors"
 BUNDLED_DIR = Path(__file__).resolve().parent / "checkpoints"
 _IDS = itertools.count()
 
@@ -55,6 +53,7 @@ class ReaderConfig:
 
 
 CHECKPOINT = CheckpointKind("reader", KIND, FORMAT, BUNDLED_DIR, ReaderError)
+CONFIG_FILE, WEIGHTS_FILE = CHECKPOINT.config_file, CHECKPOINT.weights_file  # reader.json, reader.safetensors
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
