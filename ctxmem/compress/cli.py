@@ -43,6 +43,7 @@ def _cmd_train(args) -> int:
 
     from ..models import load_model
     from .data import WindowSampler, resolve_data
+    from .model import Compressor
     from .train import TrainConfig, make_compressor, train
 
     _threads(args.threads)
@@ -53,28 +54,42 @@ def _cmd_train(args) -> int:
     model, tok = load_model(args.model, device=device)
     sampler = WindowSampler(files, tok, args.segment_tokens + args.cont_tokens, args.batch_size, seed=args.seed)
     calib = WindowSampler(files, tok, args.segment_tokens, 2, seed=args.seed + 10_000).batch(0)
-    comp = make_compressor(model, tok, args.ratio, args.segment_tokens, base_model=args.model, seed=args.seed,
-                           lora_r=args.lora_r, calib=calib, anchor=args.anchor)
+    init = None
+    if args.init_from:  # a second stage: the checkpoint's config and weights, a fresh optimizer and schedule
+        comp = Compressor.from_pretrained(args.init_from, model=model, tokenizer=tok)
+        cfg = comp.config
+        if (cfg.ratio, cfg.segment_tokens, cfg.base_model) != (args.ratio, args.segment_tokens, args.model):
+            comp.remove_adapter()
+            raise ValueError(f"--init-from {args.init_from} is ratio {cfg.ratio}, {cfg.segment_tokens}-token segments, "
+                             f"model {cfg.base_model!r}; this command asks for ratio {args.ratio}, "
+                             f"{args.segment_tokens}, {args.model!r}")
+        init = {"path": comp.source, "sha256": Compressor.read_checkpoint(args.init_from)[0]["weights"]["sha256"],
+                "steps": comp.meta.get("steps")}
+    else:
+        comp = make_compressor(model, tok, args.ratio, args.segment_tokens, base_model=args.model, seed=args.seed,
+                               lora_r=args.lora_r, calib=calib, anchor=args.anchor)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                      cont_tokens=args.cont_tokens, w_ae=args.w_ae, w_lm=args.w_lm, w_kl=args.w_kl,
-                     seed=args.seed, save_every=args.save_every)
+                     seed=args.seed, save_every=args.save_every, init_from=init["sha256"] if init else None)
     meta = {"data": args.data, "files": len(files), "model": args.model, "device": device,
-            "torch_threads": torch.get_num_threads(), "python_stdlib": sys.version.split()[0]}
+            "torch_threads": torch.get_num_threads(), "python_stdlib": sys.version.split()[0],
+            **({"init_from": init} if init else {})}
     log = (lambda *a: print(*a, file=sys.stderr))
     summary = train(comp, lambda s: sampler.batch(s), args.out, tc,
                     max_seconds=args.max_minutes * 60 if args.max_minutes else None,
                     progress=not args.no_progress, meta=meta, log=log)
     if args.save_bundle and summary["finished"]:
         comp.save_pretrained(args.save_bundle, dtype=torch.float16,
-                             meta={**comp_meta(args, summary), "train": tc.__dict__})
+                             meta={**comp_meta(args, summary), "train": tc.__dict__, **({"init_from": init} if init else {})})
         summary["bundle"] = args.save_bundle
     if args.json:
         print(json.dumps({"ok": True, **summary}))
     else:
         state = "finished" if summary["finished"] else f"stopped at step {summary['steps']} (rerun to resume)"
         f, l = summary["first"], summary["last"]
+        ae = f", ae_acc {f['ae_acc']:.2f} -> {l['ae_acc']:.2f}" if f and "ae_acc" in f and "ae_acc" in l else ""
         extra = (f"; loss {f['loss']:.3f} -> {l['loss']:.3f} (lm {f['lm']:.3f} -> {l['lm']:.3f}, "
-                 f"kl {f['kl']:.3f} -> {l['kl']:.3f}, ae_acc {f['ae_acc']:.2f} -> {l['ae_acc']:.2f})") if f else ""
+                 f"kl {f['kl']:.3f} -> {l['kl']:.3f}{ae})") if f else ""
         print(f"{state}: {summary['steps']} steps in {summary['seconds']:.0f} s{extra}; saved in {summary['out']}")
     return 0
 
@@ -157,6 +172,9 @@ def add_compressor_parser(sub) -> None:
     t.add_argument("--w-ae", type=float, default=1.0, help="weight of the reconstruction loss")
     t.add_argument("--w-lm", type=float, default=1.0, help="weight of the continuation LM loss")
     t.add_argument("--w-kl", type=float, default=1.0, help="weight of the self-distillation KL")
+    t.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from this compressor's weights (bundled name or folder) with a fresh optimizer and "
+                        "LR schedule: a second training stage, e.g. with other loss weights")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (default 25)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")

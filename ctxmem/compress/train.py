@@ -51,10 +51,15 @@ class TrainConfig:
     w_kl: float = 1.0
     seed: int = 0
     save_every: int = 50
+    init_from: str | None = None  # start from this checkpoint's weights (fresh optimizer): a second stage
 
 
-def compressor_losses(comp: Compressor, window: torch.Tensor, cont_tokens: int) -> dict[str, torch.Tensor]:
-    """Losses on a (B, n + c) batch of token windows; every value is a scalar tensor."""
+def compressor_losses(comp: Compressor, window: torch.Tensor, cont_tokens: int,
+                      reconstruction: bool = True) -> dict[str, torch.Tensor]:
+    """Losses on a (B, n + c) batch of token windows; every value is a scalar tensor.
+
+    ``reconstruction=False`` skips the autoencoding pass (no "ae"/"ae_acc"): a third less work when
+    its weight is 0."""
     n, m = comp.config.segment_tokens, comp.config.slots
     if window.shape[1] != n + cont_tokens:
         raise CompressorError(f"window of {window.shape[1]} tokens, expected segment {n} + continuation {cont_tokens}")
@@ -64,11 +69,12 @@ def compressor_losses(comp: Compressor, window: torch.Tensor, cont_tokens: int) 
     summary = comp.encode(seg)
     pre = comp.prefix(summary)  # (B, 1 + m, d)
     dec = comp.model  # adapter off outside encode(): the frozen base model
-    # reconstruction: [BOS, summary, AE, seg] -> seg
-    x = torch.cat([pre, comp.ae.view(1, 1, -1).expand(b, 1, -1), comp.embed(seg)], dim=1)
-    logits = dec(inputs_embeds=x, use_cache=False, logits_to_keep=n + 1).logits[:, :-1]
-    ae = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seg.reshape(-1))
-    ae_acc = (logits.argmax(-1) == seg).float().mean()
+    out = {}
+    if reconstruction:  # [BOS, summary, AE, seg] -> seg
+        x = torch.cat([pre, comp.ae.view(1, 1, -1).expand(b, 1, -1), comp.embed(seg)], dim=1)
+        logits = dec(inputs_embeds=x, use_cache=False, logits_to_keep=n + 1).logits[:, :-1]
+        out["ae"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seg.reshape(-1))
+        out["ae_acc"] = (logits.argmax(-1) == seg).float().mean().detach()
     # continuation: [BOS, summary, cont] -> cont
     x = torch.cat([pre, comp.embed(cont)], dim=1)
     s_logits = dec(inputs_embeds=x, use_cache=False, logits_to_keep=cont_tokens + 1).logits[:, :-1].float()
@@ -80,7 +86,7 @@ def compressor_losses(comp: Compressor, window: torch.Tensor, cont_tokens: int) 
         ce_full = F.nll_loss(t_logp.reshape(-1, t_logp.shape[-1]), cont.reshape(-1))
     s_logp = F.log_softmax(s_logits, -1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
-    return {"ae": ae, "lm": lm, "kl": kl, "ae_acc": ae_acc.detach(), "ce_full": ce_full}
+    return {**out, "lm": lm, "kl": kl, "ce_full": ce_full}
 
 
 def _term_as_interrupt():
@@ -169,7 +175,8 @@ def train(comp: Compressor, batches, out: str | Path, tc: TrainConfig, max_secon
         if doc["compressor"] != comp.config.to_dict():
             raise CompressorError(f"{tfile}: this run was made with compressor config {doc['compressor']}, "
                                   f"not {comp.config.to_dict()}; use another --out or delete {out}")
-        saved_tc = {k: v for k, v in doc["train"].items() if k not in ("steps", "save_every")}
+        saved_tc = {k: v for k, v in {**asdict(TrainConfig()), **doc["train"]}.items()  # older runs lack newer keys
+                    if k not in ("steps", "save_every")}
         now_tc = {k: v for k, v in asdict(tc).items() if k not in ("steps", "save_every")}
         if saved_tc != now_tc:
             raise CompressorError(f"{tfile}: resuming needs the same training settings; saved {saved_tc}, given {now_tc}")
@@ -195,8 +202,8 @@ def train(comp: Compressor, batches, out: str | Path, tc: TrainConfig, max_secon
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, tc)
             with torch.enable_grad():
-                losses = compressor_losses(comp, batches(step), tc.cont_tokens)
-                loss = tc.w_ae * losses["ae"] + tc.w_lm * losses["lm"] + tc.w_kl * losses["kl"]
+                losses = compressor_losses(comp, batches(step), tc.cont_tokens, reconstruction=tc.w_ae != 0)
+                loss = tc.w_lm * losses["lm"] + tc.w_kl * losses["kl"] + (tc.w_ae * losses["ae"] if "ae" in losses else 0)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"non-finite loss at step {step}: { {k: float(v) for k, v in losses.items()} }")
                 opt.zero_grad(set_to_none=True)
@@ -209,7 +216,7 @@ def train(comp: Compressor, batches, out: str | Path, tc: TrainConfig, max_secon
             history.append(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lm=f"{rec['lm']:.3f}", kl=f"{rec['kl']:.3f}",
-                            ae_acc=f"{rec['ae_acc']:.2f}")
+                            **({"ae_acc": f"{rec['ae_acc']:.2f}"} if "ae_acc" in rec else {}))
             if step % tc.save_every == 0 or step == tc.steps:
                 meta["seconds"] = round(secs_before + time.perf_counter() - t0, 1)
                 _save_checkpoint(out, comp, opt, tc, step, history, meta)
