@@ -230,25 +230,21 @@ class Runner:
             if method == "stock":
                 yield {}
                 return
-            extra, info, where = {}, {}, contextlib.nullcontext()
+            extra, info = {}, {}
             if method in ("ctxmem+kb", "ctxmem+compressor"):
                 if method == "ctxmem+compressor" and self._comp_kwargs is None:
                     self._comp_kwargs = _compressor(self.model, self.tok)
                 t0 = time.perf_counter()
-                kb, d = self._kb(sample)
+                kb = self._kb(sample)
                 info["kb_build_seconds"] = round(time.perf_counter() - t0, 2)
                 info["kb_chunks"] = len(kb)
                 extra = dict(knowledge=kb, knowledge_budget=self.args.kb_budget,
                              **(self._comp_kwargs if method == "ctxmem+compressor" else {}))
-                # Hits are labelled with their source's path, relative when under the working
-                # directory: answering from inside the haystack's folder makes the label
-                # "haystack.txt" rather than a random temporary path, so the prompt (and the
-                # answer) is the same in every run.
-                where = contextlib.chdir(d)
+                # hits are labelled relative to the KB's own source folder ("haystack.txt"), so the
+                # prompt does not depend on the random temporary folder
             ctxmem.wrap(self.model, method_config(method, self.base), tokenizer=self.tok, embedder=self.emb, **extra)
             try:
-                with where:
-                    yield info
+                yield info
             finally:
                 ctxmem.unwrap(self.model)
         return cm()
@@ -259,7 +255,7 @@ class Runner:
         d = self.tmp / f"kb-{len(self.rows)}"
         d.mkdir()
         (d / "haystack.txt").write_text(sample.context)
-        return KnowledgeIndex.build([str(d / "haystack.txt")], str(d / "kb"), embedder=self.emb, progress=False), d
+        return KnowledgeIndex.build([str(d / "haystack.txt")], str(d / "kb"), embedder=self.emb, progress=False)
 
     def answer(self, method: str, sample) -> dict:
         import torch

@@ -178,6 +178,42 @@ def test_resume_rejects_changed_settings(tmp_path):
                   TrainConfig(**{**tc.__dict__, "lr": 1e-4}), progress=False, log=lambda *a: None)
 
 
+def test_without_reconstruction_weight_the_pass_is_skipped_and_training_still_learns(tmp_path):
+    comp = _comp(seed=3)
+    comp.model.lm_head.weight.mul_(10)
+    fixed = _batches(0)
+    with torch.no_grad():
+        both = compressor_losses(comp, fixed, N)
+        lean = compressor_losses(comp, fixed, N, reconstruction=False)
+    assert "ae" in both and "ae" not in lean and "ae_acc" not in lean
+    for k in ("lm", "kl", "ce_full"):  # the other terms are the same computation
+        torch.testing.assert_close(lean[k], both[k])
+    tc = TrainConfig(steps=10, batch_size=4, lr=2e-2, warmup=1, cont_tokens=N, save_every=100, w_ae=0.0)
+    with torch.enable_grad():
+        out = train(comp, lambda s: fixed, tmp_path / "run", tc, progress=False, log=lambda *a: None)
+    with torch.no_grad():
+        after = compressor_losses(comp, fixed, N, reconstruction=False)
+    assert out["finished"] and "ae_acc" not in out["last"]
+    assert float(after["lm"] + after["kl"]) < 0.8 * float(lean["lm"] + lean["kl"])
+
+
+def test_resume_of_a_run_saved_before_newer_settings_existed(tmp_path):
+    """A trainer.json written before ``init_from`` existed resumes when the new setting is at its default."""
+    tc = TrainConfig(steps=2, batch_size=2, lr=5e-3, warmup=1, cont_tokens=N, save_every=1)
+    with torch.enable_grad():
+        train(_comp(seed=2), lambda s: _batches(s, 2), tmp_path, TrainConfig(**{**tc.__dict__, "steps": 1}),
+              progress=False, log=lambda *a: None)
+        doc = json.loads((tmp_path / "trainer.json").read_text())
+        del doc["train"]["init_from"]
+        (tmp_path / "trainer.json").write_text(json.dumps(doc))
+        logs = []
+        out = train(_comp(seed=2), lambda s: _batches(s, 2), tmp_path, tc, progress=False, log=logs.append)
+        assert out["steps"] == 2 and "from step 1" in logs[0]
+        with pytest.raises(CompressorError, match="same training settings"):  # a changed one still refuses
+            train(_comp(seed=2), lambda s: _batches(s, 2), tmp_path,
+                  TrainConfig(**{**tc.__dict__, "steps": 3, "init_from": "ab12"}), progress=False, log=lambda *a: None)
+
+
 def test_baselines_budget_and_eval_report():
     from ctxmem.compress.evaluate import Baselines, bootstrap_recovered, evaluate
 
@@ -211,6 +247,17 @@ def test_cli_parser_wiring():
     assert a.compressor_command == "train" and a.ratio == 8 and a.data == ["x.py"] and a.steps == 3
     a = build_parser().parse_args(["compressor", "eval", "--ratio", "4", "--json"])
     assert a.compressor_command == "eval" and a.json and a.data == ["stdlib-heldout"]
+
+
+def test_cli_train_init_from_another_ratio_is_a_clear_error(tmp_path, capsys):
+    from ctxmem.cli import main
+
+    rc = main(["compressor", "train", "--ratio", "8", "--init-from", "smollm2-r4", "--out", str(tmp_path / "run"),
+               "--steps", "1", "--data", __file__, "--json"])
+    assert rc == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert not doc["ok"] and "is ratio 4" in doc["error"] and "asks for ratio 8" in doc["error"]
+    assert not (tmp_path / "run" / "trainer.json").exists()  # nothing started
 
 
 def test_cli_eval_missing_checkpoint_is_a_clear_error(capsys):

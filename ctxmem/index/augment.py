@@ -15,7 +15,9 @@ user's prompt. The contract:
   stops there.
 * **Order**: the admitted passages are printed grouped by source - sources in order of their
   best score, best first - and by position (character start) within a source, each labelled
-  ``[n] SOURCE (chars START-END)``, SOURCE relative to the working folder when under it.
+  ``[n] SOURCE (chars START-END)``, SOURCE relative to the deepest folder that holds every file
+  source of the KB (one file: its name), so the prompt depends on the KB and the query only,
+  not on where the KB was built or the process's working folder.
 
 Returns ``""`` when nothing is retrieved or the budget cannot hold the header.
 """
@@ -50,12 +52,28 @@ def _count(tokenizer, text: str) -> int:
     return len(tokenizer(text)["input_ids"])
 
 
-def _label(source: str) -> str:
+def _split_line(source: str) -> tuple[str, str]:
+    """``"/a/b.jsonl#L12"`` -> ``("/a/b.jsonl", "#L12")``; other sources -> ``(source, "")``."""
     path, sep, line = source.rpartition("#L")
-    base, suffix = (path, sep + line) if sep and line.isdigit() else (source, "")
-    if os.path.isabs(base):
+    return (path, sep + line) if sep and line.isdigit() else (source, "")
+
+
+def source_root(sources) -> str | None:
+    """The deepest folder holding every absolute file source (``None`` when there is none)."""
+    dirs = {os.path.dirname(_split_line(s)[0]) for s in sources if os.path.isabs(_split_line(s)[0])}
+    if not dirs:
+        return None
+    try:
+        return os.path.commonpath(sorted(dirs))
+    except ValueError:  # different drives (Windows)
+        return None
+
+
+def _label(source: str, root: str | None) -> str:
+    base, suffix = _split_line(source)
+    if root is not None and os.path.isabs(base):
         try:
-            rel = os.path.relpath(base)
+            rel = os.path.relpath(base, root)
             if not rel.startswith(".."):
                 base = rel
         except ValueError:
@@ -92,14 +110,14 @@ def merge_hits(hits) -> list[_Passage]:
     return out
 
 
-def _render(chosen: list[_Passage]) -> str:
+def _render(chosen: list[_Passage], root: str | None) -> str:
     best: dict[str, float] = {}
     for p in chosen:
         best[p.source] = max(best.get(p.source, float("-inf")), p.score)
     ordered = sorted(chosen, key=lambda p: (-best[p.source], p.source, p.start))
     parts = [HEADER]
     for i, p in enumerate(ordered, 1):
-        parts.append(f"[{i}] {_label(p.source)} (chars {p.start}-{p.end})\n{p.text.strip()}\n\n")
+        parts.append(f"[{i}] {_label(p.source, root)} (chars {p.start}-{p.end})\n{p.text.strip()}\n\n")
     return "".join(parts)
 
 
@@ -118,14 +136,16 @@ def knowledge_context(kb, query: str, tokenizer, budget_tokens: int = 1024, k: i
 
         kb = KnowledgeIndex.open(kb)
     passages = merge_hits(kb.search(query, k=k))
+    # a KB-like object without ``sources`` (a remote index): the root of what it returned
+    root = source_root(kb.sources if hasattr(kb, "sources") else [p.source for p in passages])
     if not passages or _count(tokenizer, HEADER) > budget_tokens:
         return ""
     chosen: list[_Passage] = []
     for p in passages:
-        if _count(tokenizer, _render(chosen + [p])) <= budget_tokens:
+        if _count(tokenizer, _render(chosen + [p], root)) <= budget_tokens:
             chosen.append(p)
             continue
-        remaining = budget_tokens - _count(tokenizer, _render(chosen))
+        remaining = budget_tokens - _count(tokenizer, _render(chosen, root))
         if remaining >= _MIN_CUT_TOKENS:
             text = p.text.lstrip()
             lead = len(p.text) - len(text)
@@ -133,11 +153,11 @@ def knowledge_context(kb, query: str, tokenizer, budget_tokens: int = 1024, k: i
             while lo < hi:  # longest prefix that fits
                 mid = (lo + hi + 1) // 2
                 cut = _Passage(p.source, p.start, p.start + lead + mid, text[:mid].rstrip() + " [...]", p.score)
-                if _count(tokenizer, _render(chosen + [cut])) <= budget_tokens:
+                if _count(tokenizer, _render(chosen + [cut], root)) <= budget_tokens:
                     lo, best = mid, cut
                 else:
                     hi = mid - 1
             if best is not None:
                 chosen.append(best)
         break
-    return _render(chosen) if chosen else ""
+    return _render(chosen, root) if chosen else ""
