@@ -200,8 +200,7 @@ def test_bad_compressor_arguments(tok, kb, tmp_path):
         ctxmem.wrap(model, cfg, tokenizer=tok, knowledge=kb, compressor=42)
     with pytest.raises(CompressorError, match="no compressor at"):
         ctxmem.wrap(model, cfg, tokenizer=tok, knowledge=kb, compressor="no-such-compressor")
-    with pytest.raises(ValueError, match="pass knowledge=KB"):
-        ctxmem.wrap(model, cfg, tokenizer=tok, compressor=comp)
+    ctxmem.unwrap(ctxmem.wrap(model, cfg, tokenizer=tok, compressor=comp))  # without a KB: for read_context
     _, _, other_comp = _model_and_comp(tok, seed=8)  # same shapes, other weights
     with pytest.raises(ValueError, match="different base model"):
         ctxmem.wrap(model, cfg, tokenizer=tok, knowledge=kb, compressor=other_comp)
@@ -260,4 +259,63 @@ def test_a_memory_with_a_summary_prefix_saves_and_loads(tok, kb, tmp_path):
     ref = stock.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long),
                          max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out[0, -4:].tolist() == ref[0, -4:].tolist()
+    ctxmem.unwrap(model)
+
+
+def _context_reference(stock, comp, ids, keep_recent, prompt):
+    far, near = ids[:len(ids) - keep_recent], ids[len(ids) - keep_recent:]
+    emb = stock.get_input_embeddings()
+    parts = ([comp.prefix(comp.compress(far))] if far else []) + [emb(torch.tensor([near + prompt]))]
+    return torch.cat(parts, dim=1), len(far)
+
+
+@pytest.mark.parametrize("n_ctx,keep_recent", [(61, 13), (64, 0), (20, 20), (9, 40), (0, 5)])
+def test_read_context_equals_stock_on_summaries_then_recent_tokens(tok, n_ctx, keep_recent):
+    """read_context(model, ids, keep_recent): [BOS, summaries of the far part], the recent tokens, then
+    the prompt read through the memory gives the stock model's logits on those inputs_embeds."""
+    model, stock, comp = _model_and_comp(tok, seed=5)
+    ids = torch.randint(5, len(tok), (n_ctx,), generator=torch.Generator().manual_seed(n_ctx)).tolist()
+    prompt = tok("What was said above?", add_special_tokens=False)["input_ids"]
+    keep = min(keep_recent, n_ctx)
+    x, far = _context_reference(stock, comp, ids, keep, prompt)
+    P = x.shape[1] - len(prompt)
+    ref = stock(inputs_embeds=x).logits[0, P:]
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**EXACT), tokenizer=tok, compressor=comp)
+    mem = ctxmem.read_context(model, ids, keep_recent=keep_recent)
+    S = -(-far // N) * M
+    assert mem.context_report == {"tokens": n_ctx, "compressed_tokens": far, "recent_tokens": n_ctx - far,
+                                  "positions": (1 + S if far else 0) + n_ctx - far}
+    assert mem.hidden_prefix == [mem.context_report["positions"]] == [P]
+    assert (mem.token_ids or [[]])[0] == ([comp.config.bos_id] + [SUMMARY_ID] * S if far else []) + ids[far:]
+    out = model(torch.tensor([prompt]), cache=mem)
+    torch.testing.assert_close(out.logits[0], ref, rtol=0, atol=1e-4)
+    gen = model.generate(torch.tensor([prompt]), cache=ctxmem.read_context(model, ids, keep_recent=keep_recent),
+                         max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ref_gen = stock.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long),
+                             max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert gen[0, -4:].tolist() == ref_gen[0, -4:].tolist()
+    ctxmem.unwrap(model)
+
+
+def test_read_context_text_and_bad_input(tok):
+    model, _, comp = _model_and_comp(tok, seed=6)
+    with pytest.raises(ValueError, match="not wrapped"):
+        ctxmem.read_context(model, "text")
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**EXACT), tokenizer=tok)
+    with pytest.raises(ValueError, match="without compressor"):
+        ctxmem.read_context(model, "text")
+    ctxmem.unwrap(model)
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**EXACT), tokenizer=tok, compressor=comp)
+    text = "The copper harbor lantern is green. " * 6
+    mem = ctxmem.read_context(model, text, keep_recent=10)
+    assert mem.context_report["tokens"] == len(tok(text, add_special_tokens=False)["input_ids"])
+    for bad, match in ((-1, "keep_recent"), (2.5, "keep_recent"), (True, "keep_recent")):
+        with pytest.raises(ValueError, match=match):
+            ctxmem.read_context(model, text, keep_recent=bad)
+    with pytest.raises(ValueError, match="1-D sequence of token ids"):
+        ctxmem.read_context(model, torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="1-D sequence of token ids"):
+        ctxmem.read_context(model, [0.5, 1.5])
+    with pytest.raises(ValueError, match="not empty"):
+        ctxmem.read_context(model, text, memory=mem)
     ctxmem.unwrap(model)

@@ -45,6 +45,7 @@ class WrapState:
     compressor: Any = None  # a ctxmem.Compressor: knowledge hits are read as its summary tokens
     owns_compressor: bool = False  # loaded by wrap from a name: its adapter is removed at unwrap
     read_knowledge: Any = None  # (cache, queries, device, kwargs) -> None, set by _make_forward
+    read_context: Any = None  # (cache, ids, keep_recent) -> far tokens compressed, set by _make_forward
     reader: Any = None  # a ctxmem Reader: its adapter is on for question chunks and decode steps only
     owns_reader: bool = False
 
@@ -120,6 +121,7 @@ def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=
     (``knowledge_budget`` tokens) or, with ``compressor`` (a ``ctxmem.Compressor`` built on this
     model, or a checkpoint name/folder loaded onto it), as summary tokens ``[BOS, summaries]``
     (``knowledge_budget`` decoder positions, BOS included: about ``ratio`` times more text).
+    The compressor also serves :func:`read_context` (a long context's far part as summary tokens).
     reader: a LoRA adapter (``ctxmem.reader``; a checkpoint name such as "smollm2-reader", a folder,
     or a ``Reader`` on this model) switched on for question chunks and decode steps only
     (default: ``config.reader``).
@@ -144,8 +146,6 @@ def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=
         embedder = None
     if knowledge is not None and tokenizer is None:
         raise ValueError("ctxmem.wrap: knowledge=... needs the tokenizer (pass tokenizer=...)")
-    if compressor is not None and knowledge is None:
-        raise ValueError("ctxmem.wrap: compressor=... compresses the knowledge index's hits; pass knowledge=KB too")
     if isinstance(knowledge, str) or hasattr(knowledge, "__fspath__"):
         from ..index import KnowledgeIndex
         knowledge = KnowledgeIndex.open(knowledge)
@@ -233,6 +233,48 @@ def read_knowledge(model, queries: str | list[str], memory: MemoryCache | None =
         state.read_knowledge(memory, queries, model.get_input_embeddings().weight.device, {})
     if memory.hidden_prefix is None:  # no hits: an empty prefix (the forward will not look again)
         memory.hidden_prefix = [0] * len(queries)
+    return memory
+
+
+def read_context(model, context, keep_recent: int = 1024, memory: MemoryCache | None = None) -> MemoryCache:
+    """Read a long context into a fresh memory with all but its last ``keep_recent`` tokens as summary tokens.
+
+    The compressed memory tier for context that working memory should not hold in full: the far part
+    (every token before the last ``keep_recent``) is read as the compressor's ``[BOS, summaries]``
+    (``ceil(far / n) * m`` positions, about ``ratio`` times fewer than tokens), then the recent tokens as
+    themselves; the whole is the memory's hidden prefix. Continue with ``model.generate(prompt_ids,
+    cache=memory)``. ``context``: text (tokenized with the wrapper's tokenizer, no special tokens), a
+    list of ids or a 1-D id tensor. Needs ``wrap(model, compressor=...)``. The memory's
+    ``context_report`` says how many tokens became how many positions.
+    """
+    state = getattr(model, "_ctxmem", None)
+    if state is None:
+        raise ValueError("ctxmem.read_context: the model is not wrapped (ctxmem.wrap(model, compressor=...) first)")
+    if state.compressor is None:
+        raise ValueError("ctxmem.read_context: the model was wrapped without compressor= (e.g. 'smollm2-r8')")
+    if isinstance(keep_recent, bool) or not isinstance(keep_recent, int) or keep_recent < 0:
+        raise ValueError(f"ctxmem.read_context: keep_recent must be an int >= 0, got {keep_recent!r}")
+    if isinstance(context, str):
+        if state.tokenizer is None:
+            raise ValueError("ctxmem.read_context: text needs the tokenizer (wrap(..., tokenizer=...))")
+        ids = state.tokenizer(context, add_special_tokens=False)["input_ids"]
+    else:
+        t = torch.as_tensor(context) if isinstance(context, torch.Tensor) or len(context) else torch.zeros(0, dtype=torch.long)
+        if t.dim() == 2 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"ctxmem.read_context: context must be text or a 1-D sequence of token ids, "
+                             f"got shape {tuple(t.shape)} {t.dtype}")
+        ids = t.tolist()
+    memory = memory if memory is not None else new_cache(model)
+    if memory.token_ids or memory.hidden_prefix is not None:
+        raise ValueError("ctxmem.read_context: the memory is not empty; the context comes first")
+    with torch.no_grad():
+        far = state.read_context(memory, ids, keep_recent)
+    if memory.hidden_prefix is None:  # an empty context
+        memory.hidden_prefix = [0]
+    memory.context_report = {"tokens": len(ids), "compressed_tokens": far, "recent_tokens": len(ids) - far,
+                             "positions": memory.hidden_prefix[0]}
     return memory
 
 
@@ -344,8 +386,28 @@ def _make_forward(model, state: WrapState):
         for query in queries:
             text = knowledge_context(state.knowledge, query, tok, budget_tokens=text_budget) if text_budget else ""
             ids = tok(text, add_special_tokens=False)["input_ids"] if text else []
-            rows.append(comp.prefix(comp.compress(ids))[0] if ids else None)
-        P = max((r.shape[0] for r in rows if r is not None), default=0)
+            rows.append(summary_row(ids, []) if ids else None)
+        read_embedded_prefix(cache, rows, "ctxmem: reading knowledge summaries", kwargs)
+
+    def summary_row(far: list[int], near: list[int]):
+        """``([BOS, summaries of far], embeddings of near)`` as one (P, d) tensor, and the ids the memory
+        records for its positions: BOS, ``SUMMARY_ID`` per summary, then ``near``."""
+        comp = state.compressor
+        emb = model.get_input_embeddings()
+        parts, ids = [], []
+        if far:
+            pre = comp.prefix(comp.compress(far))[0]
+            parts.append(pre)
+            ids += [comp.config.bos_id] + [SUMMARY_ID] * (pre.shape[0] - 1)
+        if near:
+            parts.append(emb(torch.tensor(near, device=emb.weight.device)))
+            ids += list(near)
+        x = torch.cat([t.to(emb.weight.device, emb.weight.dtype) for t in parts])
+        return x, ids
+
+    def read_embedded_prefix(cache, rows, desc: str, kwargs: dict):
+        """Read rows of ``(embeddings, ids)`` (or None: nothing) left-padded, as the memory's hidden prefix."""
+        P = max((r[0].shape[0] for r in rows if r is not None), default=0)
         if P == 0:
             return
         emb = model.get_input_embeddings().weight
@@ -354,16 +416,21 @@ def _make_forward(model, state: WrapState):
         pvalid = torch.zeros(len(rows), P, dtype=torch.bool)
         for b, r in enumerate(rows):
             if r is not None:
-                k = r.shape[0]
-                x[b, P - k:] = r.to(emb.device, emb.dtype)
-                text_ids[b, P - k:] = SUMMARY_ID
-                text_ids[b, P - k] = comp.config.bos_id
+                k = r[0].shape[0]
+                x[b, P - k:] = r[0]
+                text_ids[b, P - k:] = torch.tensor(r[1])
                 pvalid[b, P - k:] = True
-        read(cache, None, x.to(device), pvalid, question=False, counted=False, keep_all=False, keep=1,
-             kwargs=kwargs, progress_desc="ctxmem: reading knowledge summaries", text_ids=text_ids)
-        cache.hidden_prefix = [0 if r is None else r.shape[0] for r in rows]
+        read(cache, None, x, pvalid, question=False, counted=False, keep_all=False, keep=1,
+             kwargs=kwargs, progress_desc=desc, text_ids=text_ids)
+        cache.hidden_prefix = [0 if r is None else r[0].shape[0] for r in rows]
+
+    def read_context(cache, ids: list[int], keep_recent: int):
+        far, near = ids[:max(0, len(ids) - keep_recent)], ids[max(0, len(ids) - keep_recent):]
+        read_embedded_prefix(cache, [summary_row(far, near) if ids else None], "ctxmem: reading context", {})
+        return len(far)
 
     state.read_knowledge = read_knowledge
+    state.read_context = read_context
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
