@@ -153,8 +153,9 @@ def main(argv=None) -> int:
     _plot(doc, out.rsplit(".", 1)[0] + ".png")
     for name, v in pays.items():
         d = v["ce_minus_equal_positions"]
+        lo, hi = d["ci95"]
         print(f"{name:22s} {methods[name]['positions']:5d} positions  ce {methods[name]['ce']:.3f}  vs "
-              f"{v['vs_equal_positions']:12s} {d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]  {v['verdict']}")
+              f"{v['vs_equal_positions']:12s} {d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]  {v['verdict']}")
     print(f"wrote {out} ({seconds:.0f} s)")
     return 0
 

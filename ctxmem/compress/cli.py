@@ -80,7 +80,8 @@ def _cmd_train(args) -> int:
                     progress=not args.no_progress, meta=meta, log=log)
     if args.save_bundle and summary["finished"]:
         comp.save_pretrained(args.save_bundle, dtype=torch.float16,
-                             meta={**comp_meta(args, summary), "train": tc.__dict__, **({"init_from": init} if init else {})})
+                             meta={**comp_meta(args, summary), "train": tc.__dict__,
+                                   **({"init_from": init} if init else {})})
         summary["bundle"] = args.save_bundle
     if args.json:
         print(json.dumps({"ok": True, **summary}))

@@ -203,7 +203,9 @@ def train(comp: Compressor, batches, out: str | Path, tc: TrainConfig, max_secon
                 g["lr"] = _lr_at(step, tc)
             with torch.enable_grad():
                 losses = compressor_losses(comp, batches(step), tc.cont_tokens, reconstruction=tc.w_ae != 0)
-                loss = tc.w_lm * losses["lm"] + tc.w_kl * losses["kl"] + (tc.w_ae * losses["ae"] if "ae" in losses else 0)
+                loss = tc.w_lm * losses["lm"] + tc.w_kl * losses["kl"]
+                if "ae" in losses:
+                    loss = loss + tc.w_ae * losses["ae"]
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"non-finite loss at step {step}: { {k: float(v) for k, v in losses.items()} }")
                 opt.zero_grad(set_to_none=True)

@@ -259,7 +259,8 @@ def read_context(model, context, keep_recent: int = 1024, memory: MemoryCache | 
             raise ValueError("ctxmem.read_context: text needs the tokenizer (wrap(..., tokenizer=...))")
         ids = state.tokenizer(context, add_special_tokens=False)["input_ids"]
     else:
-        t = torch.as_tensor(context) if isinstance(context, torch.Tensor) or len(context) else torch.zeros(0, dtype=torch.long)
+        empty = not isinstance(context, torch.Tensor) and len(context) == 0
+        t = torch.zeros(0, dtype=torch.long) if empty else torch.as_tensor(context)
         if t.dim() == 2 and t.shape[0] == 1:
             t = t[0]
         if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
