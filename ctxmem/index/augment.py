@@ -136,10 +136,10 @@ def knowledge_context(kb, query: str, tokenizer, budget_tokens: int = 1024, k: i
 
         kb = KnowledgeIndex.open(kb)
     passages = merge_hits(kb.search(query, k=k))
-    # a KB-like object without ``sources`` (a remote index): the root of what it returned
-    root = source_root(kb.sources if hasattr(kb, "sources") else [p.source for p in passages])
     if not passages or _count(tokenizer, HEADER) > budget_tokens:
         return ""
+    # a KB-like object without ``sources`` (a remote index): the root of what it returned
+    root = source_root(kb.sources if hasattr(kb, "sources") else [p.source for p in passages])
     chosen: list[_Passage] = []
     for p in passages:
         if _count(tokenizer, _render(chosen + [p], root)) <= budget_tokens:
