@@ -52,7 +52,11 @@ def main():
             print(f"round {r + 1}", be, runs[be], flush=True)
         rounds.append(runs)
     answers = {run["answer"] for runs in rounds for run in runs.values()}
+    import dataclasses
+
+    cfg = ctxmem.MemoryConfig(backend=names[0], selector=args.selector)
     res = dict(machine=machine(), tokens=int(ids.shape[1]), new_tokens=args.new, selector=args.selector,
+               config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "backend"},
                rounds=rounds, identical_tokens=len(answers) == 1)
     if len(names) == 2:
         a, b = names
