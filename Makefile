@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.backends
 	$(BIN)/python -m benchmarks.ops
 	$(BIN)/python -m benchmarks.index
+	$(BIN)/python -m benchmarks.compressed_context
 	$(BIN)/python -m benchmarks.suite --quick
 
 clean:
