@@ -29,7 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-# The measurements behind README's tables (long: about an hour on 2 cores).
+# The measurements behind README's tables (long: about 1.5 hours on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.passkey
 	$(BIN)/python -m benchmarks.backends
