@@ -10,11 +10,13 @@ medians of the per-round ratios (each ratio compares runs minutes apart, not a r
 number from another hour).
 
     python -m benchmarks.backends [--tokens 16384] [--new 16] [--selector keys] [--rounds 3]
+    python -m benchmarks.backends --config '{"prefill_chunk": 512}' --out backends_chunk512
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
 
@@ -30,9 +32,20 @@ def main():
     p.add_argument("--selector", default="keys", help="keys isolates the op; embed adds the embedder's cost")
     p.add_argument("--backends", default="torch,numba")
     p.add_argument("--rounds", type=int, default=3, help="each backend once per round; ratios per round")
+    p.add_argument("--config", default="{}", help="other MemoryConfig settings as JSON (default: the defaults)")
+    p.add_argument("--out", default="backends", help="result name under benchmarks/results (default backends)")
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    import json
+
+    try:
+        overrides = json.loads(args.config)
+        if not isinstance(overrides, dict) or {"backend", "selector"} & set(overrides):
+            raise ValueError("give a JSON object of MemoryConfig settings other than backend and selector")
+        ctxmem.MemoryConfig(**overrides).validate()
+    except (ValueError, TypeError) as e:
+        p.error(f"--config: {e}")
     torch.set_grad_enabled(False)
     model, tok = ctxmem.load_model("smollm2")
     key = passkey_key(7)
@@ -42,7 +55,7 @@ def main():
     for r in range(args.rounds):
         runs = {}
         for be in names:
-            ctxmem.wrap(model, ctxmem.MemoryConfig(backend=be, selector=args.selector), tokenizer=tok)
+            ctxmem.wrap(model, ctxmem.MemoryConfig(backend=be, selector=args.selector, **overrides), tokenizer=tok)
             if be == "numba" and r == 0:
                 answer(model, tok, ids[:, :600], 2)  # pay numba's one-time compile/cache load outside the timing
             text, sec, prefill, decode = answer(model, tok, ids, args.new)
@@ -54,7 +67,7 @@ def main():
     answers = {run["answer"] for runs in rounds for run in runs.values()}
     import dataclasses
 
-    cfg = ctxmem.MemoryConfig(backend=names[0], selector=args.selector)
+    cfg = ctxmem.MemoryConfig(backend=names[0], selector=args.selector, **overrides)
     res = dict(machine=machine(), tokens=int(ids.shape[1]), new_tokens=args.new, selector=args.selector,
                config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "backend"},
                rounds=rounds, identical_tokens=len(answers) == 1)
@@ -68,7 +81,8 @@ def main():
         res["decode_speedups"] = ratios("decode_ms_per_token")
         res["prefill_speedup"] = round(statistics.median(res["prefill_speedups"]), 2)
         res["decode_speedup"] = round(statistics.median(res["decode_speedups"]), 2)
-    print(write_json("backends", res))
+    res["command"] = "python -m benchmarks.backends " + " ".join(sys.argv[1:])
+    print(write_json(args.out, res))
     print({k: res.get(k) for k in ("identical_tokens", "prefill_speedups", "prefill_speedup",
                                    "decode_speedups", "decode_speedup")})
 
