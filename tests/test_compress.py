@@ -52,6 +52,7 @@ def test_segments_are_independent_and_batched_equals_single(comp):
     whole = comp.compress(ids, batch_size=2)
     parts = [comp.compress(ids[i:i + N]) for i in range(0, len(ids), N)]
     torch.testing.assert_close(whole, torch.cat(parts), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(comp.compress(ids, batch_size=1, progress=True), whole, rtol=1e-5, atol=1e-5)
     # the summary depends on its segment
     other = ids.clone()
     other[0] = (other[0] + 1) % 97

@@ -242,16 +242,26 @@ class Compressor(nn.Module):
         return ids
 
     @torch.no_grad()
-    def compress(self, text_or_ids, batch_size: int = 16) -> torch.Tensor:
-        """Text or token ids -> ``(ceil(T / n) * m, d)`` summary tokens (empty input -> ``(0, d)``)."""
+    def compress(self, text_or_ids, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+        """Text or token ids -> ``(ceil(T / n) * m, d)`` summary tokens (empty input -> ``(0, d)``).
+
+        ``progress``: a progress bar over segments when there is more than one batch of them."""
         ids = self.tokenize(text_or_ids)
         n, d = self.config.segment_tokens, self.config.hidden_size
         full = ids.numel() // n
         parts = []
         if full:
             segs = ids[: full * n].view(full, n)
+            bar = None
+            if progress and full > batch_size:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=full * n, unit="tok", unit_scale=True, desc="ctxmem: compressing", leave=False)
             for i in range(0, full, batch_size):
                 parts.append(self.encode(segs[i:i + batch_size]).reshape(-1, d))
+                if bar is not None:
+                    bar.update(segs[i:i + batch_size].numel())
+            if bar is not None:
+                bar.close()
         if ids.numel() % n:
             parts.append(self.encode(ids[full * n:].unsqueeze(0)).reshape(-1, d))
         if not parts:

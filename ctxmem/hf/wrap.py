@@ -397,7 +397,7 @@ def _make_forward(model, state: WrapState):
         emb = model.get_input_embeddings()
         parts, ids = [], []
         if far:
-            pre = comp.prefix(comp.compress(far))[0]
+            pre = comp.prefix(comp.compress(far, progress=state.progress))[0]
             parts.append(pre)
             ids += [comp.config.bos_id] + [SUMMARY_ID] * (pre.shape[0] - 1)
         if near:
