@@ -25,19 +25,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import RESULTS
 
 BOOT = 1000
-
-
-def _ce(model, x: torch.Tensor, cont: torch.Tensor) -> float:
-    """Mean CE of ``cont`` (c,) after the decoder inputs ``x`` (P, d)."""
-    emb = model.get_input_embeddings()(cont[None])
-    logits = model(inputs_embeds=torch.cat([x[None], emb], 1), use_cache=False,
-                   logits_to_keep=cont.numel() + 1).logits[0, :-1]
-    return float(F.cross_entropy(logits.float(), cont))
 
 
 def _paired(a: list[float], b: list[float], seed: int = 0) -> dict:
@@ -70,7 +61,12 @@ def main(argv=None) -> int:
     import ctxmem
     from ctxmem._atomic import atomic_write_bytes
     from ctxmem.compress.data import HELDOUT, eval_windows, stdlib_files
+    from ctxmem.compress.evaluate import _ce as batch_ce
+    from ctxmem.compress.evaluate import _mean_ci
     from ctxmem.compress.model import Compressor
+
+    def _ce(x: torch.Tensor, cont: torch.Tensor) -> float:  # CE of cont after the decoder inputs x (P, d)
+        return float(batch_ce(model, x[None], cont[None])[0])
 
     chosen = dict(kv.split("=", 1) for kv in args.checkpoint)
     model, tok = ctxmem.load_model("smollm2")
@@ -99,7 +95,7 @@ def main(argv=None) -> int:
         ctx, cont = ids[:C], ids[C:]
         b = emb(torch.tensor([bos]))
         for R in curve:  # [BOS, last R tokens]: R + 1 positions
-            ce.setdefault(f"recent_{R}", []).append(_ce(model, torch.cat([b, emb(ctx[C - R:])]), cont))
+            ce.setdefault(f"recent_{R}", []).append(_ce(torch.cat([b, emb(ctx[C - R:])]), cont))
         for r, comp in comps.items():
             n, m = comp.config.segment_tokens, comp.config.slots
             whole = comp.compress(ctx.tolist())  # segments are encoded one by one: a prefix's summaries are a slice
@@ -112,12 +108,11 @@ def main(argv=None) -> int:
                     summ = comp.compress(ctx[:C - R].tolist())
                 x = torch.cat([comp.prefix(summ)[0], emb(ctx[C - R:])])
                 assert x.shape[0] == sizes[(r, R)] + R
-                ce.setdefault(f"summaries_r{r}_{R}", []).append(_ce(model, x, cont))
+                ce.setdefault(f"summaries_r{r}_{R}", []).append(_ce(x, cont))
     seconds = time.perf_counter() - t0
 
     methods = {}
     for name, v in ce.items():
-        t = torch.tensor(v, dtype=torch.float64)
         if name.startswith("recent_"):
             R = int(name.split("_")[1])
             methods[name] = {"positions": R + 1, "tokens_covered": R}
@@ -126,7 +121,8 @@ def main(argv=None) -> int:
             r, R = int(rr[1:]), int(R)
             methods[name] = {"positions": sizes[(r, R)] + R, "tokens_covered": C, "ratio": r, "keep_recent": R,
                              "summary_positions": sizes[(r, R)]}
-        methods[name].update(ce=round(float(t.mean()), 4), ce_ci95=round(float(1.96 * t.std() / len(t) ** 0.5), 4))
+        mean, ci95 = _mean_ci(v)
+        methods[name].update(ce=round(mean, 4), ce_ci95=round(ci95, 4))
     pays = {}
     for (r, R), s in sizes.items():
         name = f"summaries_r{r}_{R}"
