@@ -54,6 +54,7 @@ class Task:
     answer: str  # the assistant turn
     value: str  # what the answer must contain
     depth: float  # where the asked fact sits (0..1 of the haystack)
+    needed: tuple[str, ...] = ()  # haystack text the answer is read from (chains: its statements); () = value's fact
 
 
 def _value(rng: random.Random, label: str) -> str:
@@ -111,3 +112,79 @@ def make_task(seed: int, texts: list[str], n_chars: int) -> Task:
     question = rng.choice(QUESTION_TEMPLATES).format(label=lab)
     user = rng.choice(HEADS) + "".join(pieces) + "\n\n" + question
     return Task(user, ANSWER.format(label=lab, value=val), val, depth_of[lab])
+
+
+# ---- reference chains: "b takes a's value", asked which names end up holding a value ------------------
+# Our own wordings (RULER's vt writes "VAR X = VAR Y" and asks "Find all variables that are assigned the
+# value ..."; neither the VAR keyword nor that question appears here). One style per task, so a chain reads
+# as one program or one story; the name style is drawn independently of it.
+CHAIN_STYLES = (
+    ("{a} = {v}", "{b} = {a}"),
+    ("let {a} = {v};", "let {b} = {a};"),
+    ("Set {a} to {v}.", "Set {b} to the value of {a}."),
+    ("{a} holds {v}.", "{b} holds whatever {a} holds."),
+    ("The value of {a} is {v}.", "{b} is a copy of {a}."),
+    ("{a} := {v}", "{b} := {a}"),
+)
+CHAIN_QUESTIONS = ("Which names end up holding {v}?", "List every name whose value is {v}.",
+                   "Which variables are equal to {v}, directly or through another name?",
+                   "Name all the variables that get the value {v}.")
+CHAIN_ANSWERS = ("{names}.", "The names holding {v} are {names}.", "They are {names}.")
+_SYL = ("ka", "lo", "mi", "ra", "tu", "ve", "zo", "ni", "pe", "su", "do", "fi", "go", "ha", "ju", "qu", "wy", "xe")
+
+
+def _chain_name(rng: random.Random, taken: set[str], hay: str) -> str:
+    """A fresh name of at least 4 characters that the haystack does not contain."""
+    while True:
+        style = rng.randrange(4)
+        if style == 0:  # snake_case identifier
+            n = "_".join("".join(rng.choice(_SYL) for _ in range(rng.randint(1, 2))) for _ in range(rng.randint(1, 2)))
+        elif style == 1:  # a capitalised word with a digit
+            n = "".join(rng.choice(_SYL) for _ in range(rng.randint(2, 3))).capitalize() + str(rng.randrange(10))
+        elif style == 2:  # an upper-case code
+            n = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(rng.randint(3, 7)))
+        else:  # camelCase
+            n = rng.choice(_SYL) + "".join(rng.choice(_SYL).capitalize() for _ in range(rng.randint(1, 2)))
+        if len(n) >= 4 and n not in taken and n not in hay:
+            taken.add(n)
+            return n
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def make_chain_task(seed: int, texts: list[str], n_chars: int) -> Task:
+    """A reference chain of 1-4 hops (a name gets a value, each next name takes the previous one's),
+    with 0-2 distractor chains of other values interleaved hop by hop, statements in order over the
+    haystack; the question asks which names hold the first chain's value, the answer lists them in order."""
+    rng = random.Random(f"chain:{seed}")
+    hay = _filler(rng, n_chars) if rng.random() < 0.5 else _code(rng, texts, n_chars)
+    first, alias = rng.choice(CHAIN_STYLES)
+    hops, n_chains = rng.randint(1, 4), rng.randint(1, 3)
+    taken: set[str] = set()
+    values: list[str] = []
+    while len(values) < n_chains:
+        digits = rng.randint(4, 6)
+        v = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+        if v not in hay and all(v not in w and w not in v for w in values):
+            values.append(v)
+    chains = [[_chain_name(rng, taken, hay) for _ in range(hops + 1)] for _ in values]
+    stmts = [first.format(a=c[0], v=v) if h == 0 else alias.format(a=c[h - 1], b=c[h])
+             for h in range(hops + 1) for c, v in zip(chains, values)]
+    cuts = sorted(rng.randrange(0, len(hay)) for _ in stmts)
+    pieces, prev = [], 0
+    for c, st in zip(cuts, stmts):
+        j = max(hay.rfind(". ", 0, c), hay.rfind("\n", 0, c))
+        c = max(prev, j + 1 if j >= 0 else 0)
+        pieces += [hay[prev:c], "\n" + st + "\n"]
+        prev = c
+    pieces.append(hay[prev:])
+    v, names = values[0], chains[0]
+    asked = tuple(st for i, st in enumerate(stmts) if i % n_chains == 0)  # hop h of chain 0 is stmts[h * n_chains]
+    user = rng.choice(HEADS) + "".join(pieces) + "\n\n" + rng.choice(CHAIN_QUESTIONS).format(v=v)
+    return Task(user, rng.choice(CHAIN_ANSWERS).format(v=v, names=_join(names)), v, cuts[0] / max(1, len(hay)),
+                needed=asked)
+
+
+FAMILIES = {"facts": make_task, "chains": make_chain_task}

@@ -43,6 +43,10 @@ class Example:
     prompt: list[int]  # read through working memory; its last chunk is the question
     answer: list[int]  # teacher-forced after it
     visible: Callable | None = None  # (cache) -> bool: is what the answer needs among the attended tokens?
+    # (text) -> bool. When set, the answer is teacher-forced token by token, as decoding reads it (each
+    # step retrieves with the names written so far: a chain's later hops are found only that way), and
+    # the step trains only if ``text``, everything the answer's steps attended, holds what it is read from.
+    visible_answer: Callable | None = None
 
 
 @dataclass
@@ -60,18 +64,30 @@ def example_loss(model, ex: Example, new_cache) -> torch.Tensor | None:
     """Cross-entropy of ``ex.answer`` after reading ``ex.prompt`` through a fresh working memory
     (None when ``ex.visible`` says the needed tokens were not attended). Call under grad."""
     cache = new_cache(model)
-    cache.record_selection = ex.visible is not None
+    cache.record_selection = ex.visible is not None or ex.visible_answer is not None
     out = model(torch.tensor([ex.prompt]), cache=cache, logits_to_keep=1)
     if ex.visible is not None and not ex.visible(cache):
         return None
-    cache.record_selection = False
     first = out.logits[0, -1:]
-    if len(ex.answer) > 1:
+    if ex.visible_answer is not None:
+        # decode-style: one token per step, each choosing its own blocks (a forward per answer token)
+        tok = model._ctxmem.tokenizer
+        if tok is None:
+            raise ReaderError("example_loss: visible_answer reads the attended text; wrap(..., tokenizer=tok)")
+        seen, logits = [attended_text(cache, tok)], [first]
+        for tok_id in ex.answer[:-1]:
+            logits.append(model(torch.tensor([[tok_id]]), cache=cache, logits_to_keep=1).logits[0, -1:])
+            seen.append(attended_text(cache, tok))
+        if not ex.visible_answer(" ".join(seen)):
+            return None
+        first = torch.cat(logits)
+    elif len(ex.answer) > 1:
         # The answer is teacher-forced as one more question chunk, not token by token (2 forwards a
         # step instead of one per token). Its block choice sees the whole answer, where a decode step
         # sees the tokens before it; the first answer token, the one that decides, comes from the question.
         rest = model(torch.tensor([ex.answer[:-1]]), cache=cache, logits_to_keep=0).logits[0]
         first = torch.cat([first, rest])
+    cache.record_selection = False
     return torch.nn.functional.cross_entropy(first.float(), torch.tensor(ex.answer))
 
 
@@ -237,18 +253,46 @@ def stdlib_texts(max_files: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
-def task_examples(tok, seed: int, min_tokens: int, max_tokens: int, chars_per_token: float = 3.6):
-    """``step -> Example`` over the synthetic retrieval tasks (depends only on seed and step)."""
-    from .tasks import make_task
+def parse_mix(spec: str) -> dict[str, float]:
+    """``"facts"`` or ``"facts:2,chains:1"`` -> {family: weight} (families of ``tasks.FAMILIES``)."""
+    from .tasks import FAMILIES
 
+    mix = {}
+    for part in spec.split(","):
+        name, _, w = part.strip().partition(":")
+        if name not in FAMILIES:
+            raise ReaderError(f"--tasks: unknown task family {name!r} (known: {', '.join(FAMILIES)})")
+        try:
+            mix[name] = float(w) if w else 1.0
+        except ValueError:
+            raise ReaderError(f"--tasks: weight of {name!r} must be a number, got {w!r}") from None
+        if not mix[name] > 0:
+            raise ReaderError(f"--tasks: weight of {name!r} must be positive, got {w!r}")
+    return mix
+
+
+def task_examples(tok, seed: int, min_tokens: int, max_tokens: int, chars_per_token: float = 3.6,
+                  mix: dict[str, float] | None = None):
+    """``step -> Example`` over the synthetic retrieval tasks (depends only on seed and step).
+
+    ``mix``: task family -> weight (default: facts only, the tasks the bundled reader was trained on;
+    with facts only the examples are exactly those of runs made before families existed)."""
+    from .tasks import FAMILIES
+
+    mix = mix or {"facts": 1.0}
+    names, weights = list(mix), list(mix.values())
     texts = stdlib_texts(seed=seed)
     end = tok("<|im_end|>", add_special_tokens=False)["input_ids"]
 
     def make(step: int) -> Example:
         rng = random.Random(f"{seed}:{step}")
         n_tok = rng.randint(min_tokens, max_tokens)
-        task = make_task(seed * 1_000_003 + step, texts, n_chars=int(n_tok * chars_per_token))
+        family = names[0] if len(names) == 1 else random.Random(f"family:{seed}:{step}").choices(names, weights)[0]
+        task = FAMILIES[family](seed * 1_000_003 + step, texts, n_chars=int(n_tok * chars_per_token))
         ans = tok(task.answer, add_special_tokens=False)["input_ids"] + end
+        if task.needed:  # read over several decode steps: check what they attended together
+            return Example(prompt_ids(tok, task.messages_user), ans,
+                           visible_answer=lambda text: all(st in text for st in task.needed))
         return Example(prompt_ids(tok, task.messages_user), ans,
                        visible=lambda cache: task.value in attended_text(cache, tok))
 
@@ -289,6 +333,8 @@ def main(argv=None) -> None:
     p.add_argument("--kl-weight", type=float, default=0.0,
                    help="weight of KL(adapter off || on) on plain code windows (keeps language modelling)")
     p.add_argument("--kl-tokens", default="1024,1536", help="MIN,MAX length of the KL's plain code windows")
+    p.add_argument("--tasks", default="facts", help="task families and weights, e.g. facts:1,chains:1 "
+                   "(facts: the bundled reader's; chains: reference chains, see reader/tasks.py)")
     p.add_argument("--init", default=None, help="start from this reader checkpoint's weights (a fresh optimizer); "
                    "pair it with a new --seed so the tasks are new")
     p.add_argument("--seed", type=int, default=0)
@@ -307,11 +353,12 @@ def main(argv=None) -> None:
     ctxmem.wrap(model, ctxmem.MemoryConfig(**json.loads(args.config)), tokenizer=tok, reader=reader)
     ts = TrainSettings(steps=args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed, save_every=args.save_every,
                        kl_weight=args.kl_weight)
-    make = task_examples(tok, args.seed, args.min_tokens, args.max_tokens)
+    mix = parse_mix(args.tasks)
+    make = task_examples(tok, args.seed, args.min_tokens, args.max_tokens, mix=mix)
     kl_min, kl_max = (int(x) for x in args.kl_tokens.split(","))
     plain = plain_windows(tok, args.seed, kl_min, kl_max) if args.kl_weight > 0 else None
     task = {"model": args.model, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens,
-            "config": json.loads(args.config), **({"kl_tokens": [kl_min, kl_max]} if args.kl_weight > 0 else {}),
+            "config": json.loads(args.config), **({} if mix == {"facts": 1.0} else {"tasks": mix}), **({"kl_tokens": [kl_min, kl_max]} if args.kl_weight > 0 else {}),
             **({"init": str(init), "init_sha256": doc["weights"]["sha256"]} if init else {})}
     state = train(model, reader, make, args.out, ts, task=task, make_plain=plain)
     done = [r for r in state["log"] if r["loss"] is not None]
