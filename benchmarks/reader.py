@@ -3,8 +3,9 @@
 Tasks are ``ctxmem.reader.tasks`` (the training generator) with two things training never sees:
 haystack code from the held-out standard library modules (``ctxmem.compress.data.HELDOUT``), and
 seeds from a separate range. An answer counts as found when the asked value appears in the first
-generated tokens. ``attended`` says whether the embedder's vote put the value in front of the
-question (the reader cannot read what retrieval missed). Also: the perplexity of held-out code under
+generated tokens (``--family chains``: its score is the share of the chain's names it gives, found =
+all of them). ``attended`` says whether the embedder's vote put the value in front of the question
+(the reader cannot read what retrieval missed). Also: the perplexity of held-out code under
 the reader (it is on for the last chunk of a read), to show what it costs plain language modelling.
 
     python -m benchmarks.reader --reader smollm2-reader --lengths 2048,8192 --samples 20
@@ -21,7 +22,7 @@ import torch
 
 import ctxmem
 from benchmarks.common import Timer, machine, parse_variant, write_json, RESULTS
-from ctxmem.reader.tasks import make_task
+from ctxmem.reader.tasks import FAMILIES
 from ctxmem.reader.train import prompt_ids
 
 SEED0 = 7_000_000  # training uses seed * 1_000_003 + step with small seeds: far from this range
@@ -86,7 +87,8 @@ def run(args):
 
     rows, nll, per_window = [], {}, {}
     indexes = {}  # (length, sample) -> the prompt's block index, embedded once for every method
-    samples = {n: [make_task(SEED0 + 1000 * n + i, texts, int(n * args.chars_per_token)) for i in range(args.samples)]
+    make = FAMILIES[args.family]
+    samples = {n: [make(SEED0 + 1000 * n + i, texts, int(n * args.chars_per_token)) for i in range(args.samples)]
                for n in lengths}
     for method, cfg in methods.items():
         ctxmem.wrap(model, cfg, tokenizer=tok, embedder=embedder)
@@ -97,8 +99,11 @@ def run(args):
                     out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
                                          pad_token_id=tok.eos_token_id)
                 text = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+                # facts: the value; chains: every name (score = the share of the names given, RULER-style)
+                wanted = task.names or (task.value,)
+                score = sum(w in text for w in wanted) / len(wanted)
                 row = dict(method=method, length=n, tokens=len(ids), sample=i, depth=round(task.depth, 3),
-                           value=task.value, found=task.value in text,
+                           value=task.value, wanted=list(wanted), score=round(score, 3), found=score == 1,
                            attended=attended(cfg, ids, task.value,
                                              indexes.setdefault((n, i), BlockTextIndex(tok, embedder))),
                            answer=text, seconds=round(t.seconds, 2))
@@ -112,12 +117,14 @@ def run(args):
         ctxmem.unwrap(model)
     summary = {}
     for r in rows:
-        s = summary.setdefault(f"{r['method']}/{r['length']}", dict(found=0, attended=0, found_when_attended=0, n=0))
+        s = summary.setdefault(f"{r['method']}/{r['length']}", dict(found=0, score=0.0, attended=0,
+                                                                     found_when_attended=0, n=0))
         s["n"] += 1
+        s["score"] = round(s["score"] + r["score"], 3)
         s["found"] += r["found"]
         s["attended"] += r["attended"]
         s["found_when_attended"] += r["found"] and r["attended"]
-    result = dict(machine=machine(), reader=args.reader, configs={m: c.to_dict() for m, c in methods.items()},
+    result = dict(machine=machine(), reader=args.reader, family=args.family, configs={m: c.to_dict() for m, c in methods.items()},
                   lengths=lengths, samples=args.samples,
                   nll={m: round(v, 4) for m, v in nll.items()}, nll_windows=args.nll_windows,
                   nll_per_window={m: [round(x, 4) for x in v] for m, v in per_window.items()},
@@ -137,7 +144,7 @@ def plot(result, name):
     colors = ["#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     for method, color in zip(dict.fromkeys(r["method"] for r in result["rows"]), colors):
         xs = [n for n in result["lengths"] if f"{method}/{n}" in result["summary"]]
-        ys = [result["summary"][f"{method}/{n}"]["found"] / result["summary"][f"{method}/{n}"]["n"] for n in xs]
+        ys = [result["summary"][f"{method}/{n}"]["score"] / result["summary"][f"{method}/{n}"]["n"] for n in xs]
         ax.plot(xs, ys, "o-", color=color, label=method)
     xs = [n for n in result["lengths"] if f"ctxmem/{n}" in result["summary"]]
     if xs:
@@ -148,8 +155,9 @@ def plot(result, name):
     ax.set_xticks(xs, [f"{n // 1024}K" for n in xs])
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("found")
-    ax.set_title(f"held-out retrieval tasks ({result['samples']} per length)")
+    chains = result.get("family") == "chains"
+    ax.set_ylabel("share of the chain's names given" if chains else "found")
+    ax.set_title(f"held-out {'reference chains' if chains else 'retrieval tasks'} ({result['samples']} per length)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=110)
@@ -159,6 +167,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reader", default="smollm2-reader", help="bundled name or folder")
     p.add_argument("--lengths", default="2048,8192")
+    p.add_argument("--family", default="facts", choices=sorted(FAMILIES),
+                   help="task family (facts: one value; chains: every name of a reference chain)")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--chars-per-token", type=float, default=3.3)
     p.add_argument("--max-new-tokens", type=int, default=24)

@@ -8,8 +8,8 @@ import torch
 import ctxmem
 from conftest import tiny_model
 from ctxmem.reader import Reader, ReaderConfig, ReaderError
-from ctxmem.reader.tasks import make_task
-from ctxmem.reader.train import Example, TrainSettings, example_loss, kl_loss, train
+from ctxmem.reader.tasks import make_chain_task, make_task
+from ctxmem.reader.train import Example, TrainSettings, example_loss, kl_loss, parse_mix, train
 
 
 def small_cfg(**kw):
@@ -242,6 +242,77 @@ def test_tasks_are_seeded_and_avoid_the_benchmark_templates():
         assert t.value in t.messages_user and t.value in t.answer and 0 <= t.depth <= 1
         low = t.messages_user.lower()
         assert "pass key" not in low and "magic number" not in low and "the grass is green" not in low
+
+
+def test_chain_tasks_list_the_names_in_order_and_avoid_rulers_wording():
+    texts = ["def f(x):\n    return x + 1\n" * 300]
+    assert make_chain_task(5, texts, 4000) == make_chain_task(5, texts, 4000) != make_chain_task(6, texts, 4000)
+    hops = set()
+    for s in range(200):
+        t = make_chain_task(s, texts, 3000)
+        user = t.messages_user
+        hops.add(len(t.names))
+        assert t.value in user and len(t.needed) == len(t.names) >= 2
+        assert t.value in t.needed[0] and t.names[0] in t.needed[0]  # the first statement gives the value
+        where = [user.index(st) for st in t.needed]
+        assert where == sorted(where)  # each statement after the one it refers to
+        for prev, name, st in zip(t.names, t.names[1:], t.needed[1:]):
+            assert prev in st and name in st and t.value not in st
+        ans = [t.answer.index(n) for n in t.names]
+        assert ans == sorted(ans)  # the answer names the chain in order
+        body = user[:user.rindex("\n\n")]
+        for n in t.names:  # a name appears only in its own statements (the haystack never contains it)
+            assert body.count(n) == sum(st.count(n) for st in t.needed), (n, t.needed)
+        assert "VAR " not in user and "assigned the value" not in user
+    assert hops == {2, 3, 4, 5}
+
+
+def test_parse_mix_names_what_was_wrong():
+    assert parse_mix("facts") == {"facts": 1.0}
+    assert parse_mix("facts:1, chains:2") == {"facts": 1.0, "chains": 2.0}
+    for bad, msg in (("fact", "unknown task family 'fact'"), ("chains:x", "must be a number"),
+                     ("chains:0", "must be positive")):
+        with pytest.raises(ReaderError, match=msg):
+            parse_mix(bad)
+
+
+class _IdsTokenizer:
+    """Decodes ids as their numbers (what the attended-text check reads on a tiny model)."""
+
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def test_decode_style_answer_equals_the_one_chunk_answer_when_everything_is_attended():
+    """The chain tasks' answer path (one forward per token, each choosing its blocks) must be the same
+    computation as the one-chunk path when every block is attended, and train only on what it saw."""
+    from ctxmem.hf.wrap import new_cache
+
+    model = tiny_model("llama", seed=3)
+    ex = _copy_task(model)
+    reader = randomized(Reader(model, ReaderConfig(lora_r=4)), scale=0.05)
+    ctxmem.wrap(model, small_cfg(topk_blocks=32), tokenizer=_IdsTokenizer(), reader=reader)
+    seen = []
+    stepwise = Example(ex.prompt, ex.answer, visible_answer=lambda text: seen.append(text) or True)
+    with torch.no_grad():
+        chunk = example_loss(model, ex, new_cache)
+        step = example_loss(model, stepwise, new_cache)
+    torch.testing.assert_close(step, chunk, rtol=1e-5, atol=1e-5)
+    # it is shown what was attended: the sinks, then the blocks (pieces joined by a space), ...
+    assert seen[0].startswith("".join(f"<{i}>" for i in ex.prompt[:4]) + " ")
+    assert "".join(f"<{i}>" for i in ex.prompt[28:36]) in seen[0] and len(seen) == 1
+    # sinks and local window only: no step attends the far span the answer copies, so the example is skipped
+    span = "".join(f"<{i}>" for i in ex.prompt[30:34])
+    blind = Example(ex.prompt, ex.answer, visible_answer=lambda text: span in text)
+    with torch.no_grad():
+        assert example_loss(model, blind, new_cache) is not None  # all attended: trains
+        ctxmem.unwrap(model)
+        ctxmem.wrap(model, small_cfg(topk_blocks=0), tokenizer=_IdsTokenizer(), reader=reader)
+        assert example_loss(model, blind, new_cache) is None
+    ctxmem.unwrap(model)
+    ctxmem.wrap(model, small_cfg(topk_blocks=32), reader=reader)
+    with pytest.raises(ReaderError, match="tokenizer"):
+        example_loss(model, stepwise, new_cache)
 
 
 def test_auto_is_the_default_and_takes_the_reader_load_model_attached(tmp_path):

@@ -150,3 +150,31 @@ def test_bundled_reader_loads_and_answers_a_held_out_task(smollm2):
         ctxmem.unwrap(model)
     assert task.value in tok.decode(out[0, ids.shape[1]:]), tok.decode(out[0, ids.shape[1]:])
     assert torch.equal(model(ids[:, -64:]).logits, stock)  # the adapter left with unwrap
+
+
+def test_reader_training_examples_keep_the_bundled_readers_tasks(smollm2):
+    """``--tasks facts`` (the default) must give exactly the examples the bundled reader was trained on;
+    chain examples are checked over the answer's decode steps instead of the question alone."""
+    import random
+
+    from ctxmem.reader.tasks import make_chain_task, make_task
+    from ctxmem.reader.train import prompt_ids, stdlib_texts, task_examples
+
+    _, tok = smollm2
+    texts = stdlib_texts(seed=0)
+    plain, mixed = task_examples(tok, 0, 1024, 2048), task_examples(tok, 0, 1024, 2048, mix={"facts": 1, "chains": 1})
+    families = set()
+    for step in range(6):
+        n_tok = random.Random(f"0:{step}").randint(1024, 2048)
+        want = make_task(step, texts, n_chars=int(n_tok * 3.6))
+        ex = plain(step)
+        assert ex.prompt == prompt_ids(tok, want.messages_user) and ex.visible is not None and ex.visible_answer is None
+        m = mixed(step)
+        if m.prompt == ex.prompt:
+            families.add("facts")
+        else:
+            chain = make_chain_task(step, texts, n_chars=int(n_tok * 3.6))
+            assert m.prompt == prompt_ids(tok, chain.messages_user) and m.visible is None
+            assert m.visible_answer("\n".join(chain.needed)) and not m.visible_answer(chain.needed[0])
+            families.add("chains")
+    assert families == {"facts", "chains"}

@@ -55,6 +55,7 @@ class Task:
     value: str  # what the answer must contain
     depth: float  # where the asked fact sits (0..1 of the haystack)
     needed: tuple[str, ...] = ()  # haystack text the answer is read from (chains: its statements); () = value's fact
+    names: tuple[str, ...] = ()  # chains: the names the answer must list, in order
 
 
 def _value(rng: random.Random, label: str) -> str:
@@ -184,7 +185,7 @@ def make_chain_task(seed: int, texts: list[str], n_chars: int) -> Task:
     asked = tuple(st for i, st in enumerate(stmts) if i % n_chains == 0)  # hop h of chain 0 is stmts[h * n_chains]
     user = rng.choice(HEADS) + "".join(pieces) + "\n\n" + rng.choice(CHAIN_QUESTIONS).format(v=v)
     return Task(user, rng.choice(CHAIN_ANSWERS).format(v=v, names=_join(names)), v, cuts[0] / max(1, len(hay)),
-                needed=asked)
+                needed=asked, names=tuple(names))
 
 
 FAMILIES = {"facts": make_task, "chains": make_chain_task}
