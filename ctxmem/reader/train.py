@@ -11,6 +11,11 @@ whatever the context length, short haystacks train the composition long ones pre
 A step whose asked fact is not among the attended tokens (the embedder missed it) has no answer loss:
 its answer could only be guessed, and guessing is not what the adapter should learn.
 
+``--tasks facts:1,chains:2`` mixes in reference chains (``tasks.make_chain_task``): their answers list
+names that are found one after another, so they are teacher-forced token by token as decoding reads
+them (each step retrieves with the names written so far), and train only when the answer's steps
+together attended every statement of the chain.
+
 With ``--kl-weight`` > 0 each step also reads a plain window of training-module code twice, adapter off
 and on, and adds KL(off || on) over the predictions of its last chunk: the adapter is on for the last
 chunk of every read, so it must leave plain language modelling where the stock model had it.
@@ -358,7 +363,9 @@ def main(argv=None) -> None:
     kl_min, kl_max = (int(x) for x in args.kl_tokens.split(","))
     plain = plain_windows(tok, args.seed, kl_min, kl_max) if args.kl_weight > 0 else None
     task = {"model": args.model, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens,
-            "config": json.loads(args.config), **({} if mix == {"facts": 1.0} else {"tasks": mix}), **({"kl_tokens": [kl_min, kl_max]} if args.kl_weight > 0 else {}),
+            "config": json.loads(args.config),
+            **({} if mix == {"facts": 1.0} else {"tasks": mix}),  # runs from before --tasks resume
+            **({"kl_tokens": [kl_min, kl_max]} if args.kl_weight > 0 else {}),
             **({"init": str(init), "init_sha256": doc["weights"]["sha256"]} if init else {})}
     state = train(model, reader, make, args.out, ts, task=task, make_plain=plain)
     done = [r for r in state["log"] if r["loss"] is not None]
