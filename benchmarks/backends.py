@@ -11,8 +11,6 @@ number from another hour).
 
     python -m benchmarks.backends [--tokens 16384] [--new 16] [--selector keys] [--rounds 3]
     python -m benchmarks.backends --config '{"prefill_chunk": 512}' --out backends_chunk512
-(results/backends.json was measured with the former 128-token default chunk; 512 is the default now,
-so backends_chunk512.json is today's default.)
 """
 from __future__ import annotations
 
