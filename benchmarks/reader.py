@@ -124,7 +124,8 @@ def run(args):
         s["found"] += r["found"]
         s["attended"] += r["attended"]
         s["found_when_attended"] += r["found"] and r["attended"]
-    result = dict(machine=machine(), reader=args.reader, family=args.family, configs={m: c.to_dict() for m, c in methods.items()},
+    result = dict(machine=machine(), reader=args.reader, family=args.family,
+                  configs={m: c.to_dict() for m, c in methods.items()},
                   lengths=lengths, samples=args.samples,
                   nll={m: round(v, 4) for m, v in nll.items()}, nll_windows=args.nll_windows,
                   nll_per_window={m: [round(x, 4) for x in v] for m, v in per_window.items()},
@@ -144,7 +145,8 @@ def plot(result, name):
     colors = ["#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     for method, color in zip(dict.fromkeys(r["method"] for r in result["rows"]), colors):
         xs = [n for n in result["lengths"] if f"{method}/{n}" in result["summary"]]
-        ys = [result["summary"][f"{method}/{n}"]["score"] / result["summary"][f"{method}/{n}"]["n"] for n in xs]
+        cell = [result["summary"][f"{method}/{n}"] for n in xs]
+        ys = [c.get("score", c["found"]) / c["n"] for c in cell]  # results from before "score": found
         ax.plot(xs, ys, "o-", color=color, label=method)
     xs = [n for n in result["lengths"] if f"ctxmem/{n}" in result["summary"]]
     if xs:
