@@ -67,7 +67,10 @@ class TrainSettings:
 
 def example_loss(model, ex: Example, new_cache) -> torch.Tensor | None:
     """Cross-entropy of ``ex.answer`` after reading ``ex.prompt`` through a fresh working memory
-    (None when ``ex.visible`` says the needed tokens were not attended). Call under grad."""
+    (None when ``ex.visible`` or ``ex.visible_answer`` says the needed tokens were not attended). Call under grad."""
+    tok = model._ctxmem.tokenizer
+    if ex.visible_answer is not None and tok is None:  # before any forward: the check needs the text
+        raise ReaderError("example_loss: visible_answer reads the attended text; wrap(..., tokenizer=tok)")
     cache = new_cache(model)
     cache.record_selection = ex.visible is not None or ex.visible_answer is not None
     out = model(torch.tensor([ex.prompt]), cache=cache, logits_to_keep=1)
@@ -76,9 +79,6 @@ def example_loss(model, ex: Example, new_cache) -> torch.Tensor | None:
     first = out.logits[0, -1:]
     if ex.visible_answer is not None:
         # decode-style: one token per step, each choosing its own blocks (a forward per answer token)
-        tok = model._ctxmem.tokenizer
-        if tok is None:
-            raise ReaderError("example_loss: visible_answer reads the attended text; wrap(..., tokenizer=tok)")
         seen, logits = [attended_text(cache, tok)], [first]
         for tok_id in ex.answer[:-1]:
             logits.append(model(torch.tensor([[tok_id]]), cache=cache, logits_to_keep=1).logits[0, -1:])
