@@ -88,12 +88,14 @@ def run(args):
     rows, nll, per_window = [], {}, {}
     indexes = {}  # (length, sample) -> the prompt's block index, embedded once for every method
     make = FAMILIES[args.family]
-    samples = {n: [make(SEED0 + 1000 * n + i, texts, int(n * args.chars_per_token)) for i in range(args.samples)]
-               for n in lengths}
+    # sample i is the same prompt in every run (its seed depends only on the length and i)
+    first = args.first_sample
+    samples = {n: {i: make(SEED0 + 1000 * n + i, texts, int(n * args.chars_per_token))
+                   for i in range(first, first + args.samples)} for n in lengths}
     for method, cfg in methods.items():
         ctxmem.wrap(model, cfg, tokenizer=tok, embedder=embedder)
         for n in lengths:
-            for i, task in enumerate(samples[n]):
+            for i, task in samples[n].items():
                 ids = prompt_ids(tok, task.messages_user)
                 with Timer() as t:
                     out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -126,7 +128,7 @@ def run(args):
         s["found_when_attended"] += r["found"] and r["attended"]
     result = dict(machine=machine(), reader=args.reader, family=args.family,
                   configs={m: c.to_dict() for m, c in methods.items()},
-                  lengths=lengths, samples=args.samples,
+                  lengths=lengths, samples=args.samples, first_sample=first,
                   nll={m: round(v, 4) for m, v in nll.items()}, nll_windows=args.nll_windows,
                   nll_per_window={m: [round(x, 4) for x in v] for m, v in per_window.items()},
                   nll_length=args.nll_length, nll_target=args.nll_target, summary=summary, rows=rows)
@@ -172,6 +174,8 @@ def main(argv=None):
     p.add_argument("--family", default="facts", choices=sorted(FAMILIES),
                    help="task family (facts: one value; chains: every name of a reference chain)")
     p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--first-sample", type=int, default=0, metavar="I",
+                   help="samples I..I+N-1 (fresh prompts beside a run of 0..N-1)")
     p.add_argument("--chars-per-token", type=float, default=3.3)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--nll-windows", type=int, default=8)
@@ -182,7 +186,10 @@ def main(argv=None):
                    help="another MemoryConfig on the same prompts, e.g. q16:query_tokens=16")
     p.add_argument("--methods", default="", help="run only these (comma list of ctxmem, ctxmem+reader, variants)")
     p.add_argument("--out", default="reader")
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.first_sample < 0 or args.samples < 0:
+        p.error(f"--first-sample ({args.first_sample}) and --samples ({args.samples}) must be >= 0")
+    run(args)
 
 
 if __name__ == "__main__":
