@@ -65,6 +65,13 @@ def code_nll(model, tok, texts, n_windows: int, length: int, target: int) -> lis
     return out
 
 
+def task_samples(make, texts, lengths, first: int, count: int, chars_per_token: float) -> dict:
+    """{length: {i: task}} for samples first..first+count-1; sample i is the same prompt in every run (its
+    seed depends only on the length and i), so --first-sample extends an earlier run with fresh prompts."""
+    return {n: {i: make(SEED0 + 1000 * n + i, texts, int(n * chars_per_token)) for i in range(first, first + count)}
+            for n in lengths}
+
+
 def run(args):
     torch.set_grad_enabled(False)
     if args.threads:
@@ -88,10 +95,8 @@ def run(args):
     rows, nll, per_window = [], {}, {}
     indexes = {}  # (length, sample) -> the prompt's block index, embedded once for every method
     make = FAMILIES[args.family]
-    # sample i is the same prompt in every run (its seed depends only on the length and i)
     first = args.first_sample
-    samples = {n: {i: make(SEED0 + 1000 * n + i, texts, int(n * args.chars_per_token))
-                   for i in range(first, first + args.samples)} for n in lengths}
+    samples = task_samples(make, texts, lengths, first, args.samples, args.chars_per_token)
     for method, cfg in methods.items():
         ctxmem.wrap(model, cfg, tokenizer=tok, embedder=embedder)
         for n in lengths:

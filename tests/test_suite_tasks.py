@@ -291,3 +291,21 @@ def test_merge_runs(tmp_path, monkeypatch, tok, frame):
         suite.merge(["a", "e"], "x", tok=tok)
     with pytest.raises(ValueError, match="overwrite"):
         suite.merge(["a", "b"], "a", tok=tok)
+
+
+def test_reader_benchmark_first_sample_gives_fresh_prompts():
+    """benchmarks.reader --first-sample 2 --samples 2 runs exactly samples 2-3 of a 4-sample run (same prompts),
+    and a negative start is refused by name."""
+    from benchmarks import reader
+    from ctxmem.reader.tasks import FAMILIES
+
+    texts = ["def f(x):\n    return x + 1\n" * 200, "class A:\n    pass\n" * 300]
+    for family, make in FAMILIES.items():
+        whole = reader.task_samples(make, texts, [512, 1024], 0, 4, 3.3)
+        later = reader.task_samples(make, texts, [512, 1024], 2, 2, 3.3)
+        for n in (512, 1024):
+            assert list(later[n]) == [2, 3]
+            assert [t.messages_user for t in later[n].values()] == [whole[n][i].messages_user for i in (2, 3)]
+            assert whole[n][0].messages_user != whole[n][2].messages_user, family
+    with pytest.raises(SystemExit):
+        reader.main(["--first-sample", "-1"])
