@@ -344,3 +344,30 @@ def test_bundled_checkpoints_are_intact_and_named_for_their_ratio(name):
     assert name == f"{cfg.base_model}-r{cfg.ratio}"
     assert doc["meta"]["command"].startswith("ctxmem compressor train") and f"--ratio {cfg.ratio}" in doc["meta"]["command"]
     assert state and all(t.dtype == torch.float16 for t in state.values())
+
+
+def test_grown_rank_computes_the_same_summaries_and_then_trains():
+    """Compressor.grown: rank 4 -> 8 keeps every summary (B's new columns are zero, alpha grows with r),
+    the adapter shapes are the new rank's, the grown one trains, and a smaller rank is refused by name."""
+    src = _comp(seed=3)
+    ids = torch.randint(0, 96, (3 * N,), generator=torch.Generator().manual_seed(0))
+    before = src.compress(ids)
+    big = Compressor.grown(src, 8, seed=1)
+    assert (big.config.lora_r, big.config.lora_alpha) == (8, 16)
+    shapes = {k: tuple(p.shape) for k, p in big.lora_parameters().items()}
+    assert all(s[0] == 8 for k, s in shapes.items() if "lora_A" in k) and any("lora_A" in k for k in shapes)
+    assert all(s[1] == 8 for k, s in shapes.items() if "lora_B" in k)
+    torch.testing.assert_close(big.compress(ids), before, rtol=1e-5, atol=1e-6)
+    # the new rows of A are live capacity: a gradient step moves the new columns of B
+    big.train()
+    for p in big.trainable_parameters():
+        p.requires_grad_(True)
+    batch = torch.randint(0, 96, (2, N + 4), generator=torch.Generator().manual_seed(1))
+    with torch.enable_grad():
+        losses = compressor_losses(big, batch, 4)
+        (losses["ae"] + losses["lm"]).backward()
+    grads = [p.grad[:, 4:].abs().sum() for k, p in big.lora_parameters().items() if "lora_B" in k]
+    assert float(sum(grads)) > 0
+    with pytest.raises(CompressorError, match="lora_r must be an int >= the checkpoint's rank 8"):
+        Compressor.grown(big, 4)
+    big.remove_adapter()

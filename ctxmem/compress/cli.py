@@ -65,9 +65,12 @@ def _cmd_train(args) -> int:
                              f"{args.segment_tokens}, {args.model!r}")
         init = {"path": comp.source, "sha256": Compressor.read_checkpoint(args.init_from)[0]["weights"]["sha256"],
                 "steps": comp.meta.get("steps")}
+        if args.lora_r is not None and args.lora_r != cfg.lora_r:
+            init["lora_r"] = [cfg.lora_r, args.lora_r]
+            comp = Compressor.grown(comp, args.lora_r, seed=args.seed)
     else:
         comp = make_compressor(model, tok, args.ratio, args.segment_tokens, base_model=args.model, seed=args.seed,
-                               lora_r=args.lora_r, calib=calib, anchor=args.anchor)
+                               lora_r=8 if args.lora_r is None else args.lora_r, calib=calib, anchor=args.anchor)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                      cont_tokens=args.cont_tokens, w_ae=args.w_ae, w_lm=args.w_lm, w_kl=args.w_kl,
                      seed=args.seed, save_every=args.save_every, init_from=init["sha256"] if init else None)
@@ -167,7 +170,9 @@ def add_compressor_parser(sub) -> None:
     t.add_argument("--cont-tokens", type=int, default=64, help="continuation tokens for the LM/KL losses (default 64)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup", type=int, default=20)
-    t.add_argument("--lora-r", type=int, default=8)
+    t.add_argument("--lora-r", type=int, default=None,
+                   help="LoRA rank (default 8; with --init-from, the checkpoint's, or a larger rank to grow it to: "
+                        "the grown adapter starts as the same function)")
     t.add_argument("--anchor", default="last", choices=["last", "none"],
                    help="'last': summary = last m token embeddings + learned residual (default); 'none': pure ICAE")
     t.add_argument("--w-ae", type=float, default=1.0, help="weight of the reconstruction loss")

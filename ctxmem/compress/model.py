@@ -307,6 +307,37 @@ class Compressor(nn.Module):
         comp.source = str(path)
         return comp.eval()
 
+    @classmethod
+    def grown(cls, source: "Compressor", lora_r: int, seed: int = 0) -> "Compressor":
+        """A compressor computing exactly what ``source`` computes, with LoRA rank ``lora_r`` >= source's.
+
+        The extra rank is capacity for a second training stage (``ctxmem compressor train --init-from X
+        --lora-r R``): each adapter's A gains rows (random, as peft initialises A) and its B gains zero
+        columns, so B @ A is unchanged, and lora_alpha grows with r so peft's scaling alpha / r is too.
+        ``source``'s adapter is removed from the shared model; the new one takes its place."""
+        old = source.config
+        if isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < old.lora_r:
+            raise CompressorError(f"lora_r must be an int >= the checkpoint's rank {old.lora_r}, got {lora_r!r}")
+        if (old.lora_alpha * lora_r) % old.lora_r:
+            raise CompressorError(f"rank {old.lora_r} -> {lora_r} would need a fractional lora_alpha "
+                                  f"({old.lora_alpha} * {lora_r} / {old.lora_r}); choose a multiple of {old.lora_r}")
+        state = source.weights()
+        cfg = CompressorConfig.from_dict({**old.to_dict(), "lora_r": lora_r,
+                                          "lora_alpha": old.lora_alpha * lora_r // old.lora_r})
+        model, tok = source.model, source.tokenizer
+        source.remove_adapter()
+        comp = cls(model, tok, cfg, seed=seed)
+        fresh = comp.weights()
+        r0 = old.lora_r
+        for k, t in state.items():
+            if k.startswith("lora.") and ".lora_A." in k:  # [r, in]: old rows first, fresh random rows after
+                state[k] = torch.cat([t, fresh[k][r0:].to(t.dtype)], 0)
+            elif k.startswith("lora.") and ".lora_B." in k:  # [out, r]: old columns first, zeros after
+                state[k] = torch.cat([t, t.new_zeros(t.shape[0], lora_r - r0)], 1)
+        comp.load_weights(state, where="grown weights")
+        comp.meta, comp.source = dict(getattr(source, "meta", {})), getattr(source, "source", None)
+        return comp.train(source.training)
+
     @torch.no_grad()
     def load_weights(self, state: dict[str, torch.Tensor], where: str = "weights") -> None:
         own = {k: v for k, v in self.state_dict().items()}
