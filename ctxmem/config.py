@@ -79,7 +79,7 @@ class MemoryConfig:
     topk_blocks: int = 9
     sink_tokens: int = 64
     local_tokens: int = 128
-    prefill_chunk: int = 128
+    prefill_chunk: int = 512
     backend: str = "auto"
     reps_per_block: int = 4
     selector: str = "auto"

@@ -41,6 +41,7 @@ from .adapter import Reader, ReaderConfig, ReaderError
 
 STATE_FILE = "train_state.json"
 OPT_FILE = "optimizer.safetensors"
+TRAIN_CONFIG = {"prefill_chunk": 128}  # MemoryConfig settings the trainer fixes unless --config overrides them
 
 
 @dataclass
@@ -334,7 +335,8 @@ def main(argv=None) -> None:
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--min-tokens", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--config", default="{}", help="MemoryConfig overrides as JSON (default: the defaults)")
+    p.add_argument("--config", default="{}", help="MemoryConfig overrides as JSON (default: the defaults, "
+                   "with prefill_chunk 128)")
     p.add_argument("--kl-weight", type=float, default=0.0,
                    help="weight of KL(adapter off || on) on plain code windows (keeps language modelling)")
     p.add_argument("--kl-tokens", default="1024,1536", help="MIN,MAX length of the KL's plain code windows")
@@ -355,7 +357,10 @@ def main(argv=None) -> None:
     if args.init:
         doc, weights, init = Reader.read_checkpoint(args.init)
         reader.load_weights(weights, where=str(init))  # a resume then replaces them with the run's own
-    ctxmem.wrap(model, ctxmem.MemoryConfig(**json.loads(args.config)), tokenizer=tok, reader=reader)
+    # The trainer reads in 128-token chunks, as the bundled reader was trained, whatever the inference default
+    # (512 since 2026-11-30); --config can still set it. The task records only the overrides given.
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**{**TRAIN_CONFIG, **json.loads(args.config)}), tokenizer=tok,
+                reader=reader)
     ts = TrainSettings(steps=args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed, save_every=args.save_every,
                        kl_weight=args.kl_weight)
     mix = parse_mix(args.tasks)
