@@ -45,18 +45,34 @@ _TAIL = "\n\nWhat is the pass key?"
 _ANSWER = "The pass key is"  # the assistant's answer starts here: the small model then says the number
 
 
-def passkey_prompt(tok, kind: str, context_tokens: int, depth: float, key: str, seed: int = 0) -> torch.Tensor:
-    """Chat prompt of about ``context_tokens`` tokens with the needle at ``depth`` (0..1) of the haystack."""
-    needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)["input_ids"]
+PASSKEY_QUESTION = _TAIL.strip()
+
+
+def passkey_needle(key: str) -> str:
+    return f" The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def passkey_body(tok, kind: str, context_tokens: int, depth: float, key: str, seed: int = 0) -> str:
+    """The haystack text with the needle at ``depth`` (0..1), sized so the prompt is about ``context_tokens``."""
+    needle = tok(passkey_needle(key), add_special_tokens=False)["input_ids"]
     overhead = len(tok.apply_chat_template([{"role": "user", "content": _HEAD + _TAIL}], add_generation_prompt=True,
                                            tokenize=True, return_dict=True)["input_ids"])
     hay = haystack_ids(tok, kind, max(16, context_tokens - overhead - len(needle)), seed)
     cut = int(len(hay) * depth)
-    body = tok.decode(hay[:cut]) + tok.decode(needle) + tok.decode(hay[cut:])
+    return tok.decode(hay[:cut]) + tok.decode(needle) + tok.decode(hay[cut:])
+
+
+def passkey_prompt_from_body(tok, body: str) -> torch.Tensor:
+    """The passkey chat prompt around any body text (the whole haystack, or what RAG picked from it)."""
     enc = tok.apply_chat_template([{"role": "user", "content": _HEAD + body + _TAIL}], add_generation_prompt=True,
                                   tokenize=True, return_dict=True)["input_ids"]
     enc = list(enc) + tok(_ANSWER, add_special_tokens=False)["input_ids"]
     return torch.tensor([enc])
+
+
+def passkey_prompt(tok, kind: str, context_tokens: int, depth: float, key: str, seed: int = 0) -> torch.Tensor:
+    """Chat prompt of about ``context_tokens`` tokens with the needle at ``depth`` (0..1) of the haystack."""
+    return passkey_prompt_from_body(tok, passkey_body(tok, kind, context_tokens, depth, key, seed))
 
 
 def passkey_key(seed: int) -> str:
@@ -147,3 +163,57 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
     name, _, sets = spec.partition(":")
     return name, _parse_overrides(sets.split(",") if sets else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# plain RAG: the peer a user tries first (the same embedder as ctxmem's block selector)
+
+RAG_CHUNK_TOKENS = 128   # chunk size in the embedder's own tokens (MiniLM's window is 256)
+RAG_OVERLAP = 64         # consecutive chunks share half their tokens
+RAG_TOP_K = 3            # chunks read by the stock model, in document order
+
+
+class RagPick:
+    """What plain RAG hands the stock model: the top-k chunks of a document for a query.
+
+    ``text``: the picked chunks in document order, overlapping or touching ones merged into one
+    span, separate spans joined by a blank line; ``spans``: those merged character spans;
+    ``ranked``: the top-k chunks best first as (start, end, cosine); ``chunks``: every chunk's
+    (start, end) (they cover the document); ``seconds``: chunking + embedding + ranking."""
+
+    def __init__(self, text, spans, ranked, chunks, seconds):
+        self.text, self.spans, self.ranked, self.chunks, self.seconds = text, spans, ranked, chunks, seconds
+
+    def describe(self) -> dict:
+        return dict(rag_spans=self.spans, rag_ranked=[(a, b, round(s, 4)) for a, b, s in self.ranked],
+                    rag_chunks=len(self.chunks), rag_seconds=round(self.seconds, 2))
+
+
+def rag_retrieve(document: str, query: str, embedder, k: int = RAG_TOP_K, chunk_tokens: int = RAG_CHUNK_TOKENS,
+                 overlap: int = RAG_OVERLAP, threads: int | None = None) -> RagPick:
+    """Plain RAG over one document: cut it with ctxmem.index's chunker (``chunk_tokens`` tokens of
+    the embedder's tokenizer, ``overlap`` shared), embed the chunks and the query with ``embedder``
+    (normalised: inner product = cosine), keep the ``k`` best, return them in document order."""
+    import numpy as np
+
+    from ctxmem.index import embed as _embed
+    from ctxmem.index.chunking import Chunker
+
+    t0 = time.perf_counter()
+    chunks = Chunker(_embed.tokenizer_of(embedder), chunk_tokens=chunk_tokens, overlap=overlap).chunk(document)
+    if not chunks:
+        return RagPick("", [], [], [], time.perf_counter() - t0)
+    vecs = _embed.encode(embedder, [document[c.start:c.end] for c in chunks], threads=threads)
+    q = _embed.encode(embedder, [query], threads=threads)[0]
+    sims = vecs @ q
+    order = np.argsort(-sims, kind="stable")[:k]
+    ranked = [(chunks[i].start, chunks[i].end, float(sims[i])) for i in order]
+    spans: list[list[int]] = []
+    for a, b, _ in sorted(ranked):
+        if spans and a <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], b)
+        else:
+            spans.append([a, b])
+    text = "\n\n".join(document[a:b].strip() for a, b in spans)
+    return RagPick(text, [tuple(s) for s in spans], ranked, [(c.start, c.end) for c in chunks],
+                   time.perf_counter() - t0)

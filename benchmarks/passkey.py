@@ -2,7 +2,10 @@
 
 A 5-digit number is hidden at several depths of a long haystack (repeated filler, and real
 prose: the Python reference manual); the answer counts as found when the number appears in the
-first generated tokens. Writes benchmarks/results/passkey.json, passkey_heatmap.png (depth x
+first generated tokens. With ``--rag``, plain RAG on the same prompts: the haystack cut into chunks
+of 128 MiniLM tokens sharing 64, ranked by cosine with the question by ctxmem's own embedder, the
+top 3 read in document order by the stock model in the same prompt template (time to answer
+includes chunking and embedding the haystack). Writes benchmarks/results/passkey.json, passkey_heatmap.png (depth x
 length, green = found) and passkey_time.png (time to answer vs context length).
 
     python -m benchmarks.passkey                       # the README table (about 40 minutes here)
@@ -16,7 +19,9 @@ import time
 import torch
 
 import ctxmem
-from benchmarks.common import Timer, found, machine, parse_variant, passkey_key, passkey_prompt, peak_rss_mb, write_json, RESULTS
+from benchmarks.common import (PASSKEY_QUESTION, RAG_CHUNK_TOKENS, RAG_OVERLAP, RAG_TOP_K, RESULTS, Timer, found, machine,
+                               parse_variant, passkey_body, passkey_key, passkey_needle, passkey_prompt_from_body,
+                               peak_rss_mb, rag_retrieve, write_json)
 
 
 class TokenClock:
@@ -47,6 +52,8 @@ def answer(model, tok, ids, max_new_tokens):
 def run(args):
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = ctxmem.load_model("smollm2")
     cfg = ctxmem.MemoryConfig(**args.config)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -55,13 +62,28 @@ def run(args):
     haystacks = args.haystacks.split(",")
     rows = []
 
+    emb = None
+
     def one(method, kind, n, d, i):
+        nonlocal emb
         key = passkey_key(1000 * i + n)
-        ids = passkey_prompt(tok, kind, n, d, key, seed=i)
+        body = passkey_body(tok, kind, n, d, key, seed=i)
+        extra = {}
+        if method == "rag":  # plain RAG: the stock model reads the best chunks instead of the haystack
+            if emb is None:
+                emb = ctxmem.load_embedder("minilm")
+            pick = rag_retrieve(body, PASSKEY_QUESTION, emb, k=args.rag_k, chunk_tokens=args.rag_chunk,
+                                overlap=args.rag_overlap)
+            extra = dict(pick.describe(), rag_hit=passkey_needle(key).strip() in pick.text,
+                         haystack_tokens=passkey_prompt_from_body(tok, body).shape[1])
+            ids = passkey_prompt_from_body(tok, pick.text)
+        else:
+            ids = passkey_prompt_from_body(tok, body)
         text, sec, prefill, decode = answer(model, tok, ids, args.max_new_tokens)
+        sec += extra.get("rag_seconds", 0.0)  # RAG's time to answer includes embedding the haystack
         row = dict(method=method, haystack=kind, length=n, tokens=ids.shape[1], depth=d, key=key,
                    found=found(text, key), answer=text, seconds=round(sec, 2), prefill_seconds=round(prefill, 2),
-                   decode_ms_per_token=round(1000 * decode, 1), peak_rss_mb=round(peak_rss_mb()))
+                   decode_ms_per_token=round(1000 * decode, 1), peak_rss_mb=round(peak_rss_mb()), **extra)
         rows.append(row)
         print(f"{method:7s} {kind:6s} {n:>6d} d={d:.2f} found={row['found']!s:5s} {sec:6.1f}s "
               f"decode {row['decode_ms_per_token']:6.1f} ms/tok  {text[:40]!r}", flush=True)
@@ -77,6 +99,11 @@ def run(args):
                 for i, d in enumerate(real_depths if kind == "real" else depths):
                     one(method, kind, n, d, i)
         ctxmem.unwrap(model)
+    if args.rag:  # plain RAG, the unwrapped model, every prompt of the ctxmem sweep
+        for kind in haystacks:
+            for n in lengths:
+                for i, d in enumerate(real_depths if kind == "real" else depths):
+                    one("rag", kind, n, d, i)
     # the stock model: full sweep where it is affordable, one timing point beyond
     for kind in haystacks:
         for n in [x for x in [args.stock_ref] if x > 0] + [x for x in lengths if x <= args.stock_max]:
@@ -86,6 +113,8 @@ def run(args):
             if kind == haystacks[0]:
                 one("stock", kind, n, 0.5, 0)
     result = dict(machine=machine(), config=cfg.to_dict(), lengths=lengths, depths=depths, rows=rows,
+                  rag=dict(chunk_tokens=args.rag_chunk, overlap=args.rag_overlap, top_k=args.rag_k,
+                           embedder="minilm") if args.rag else None,
                   variants={k: v.to_dict() for k, v in variants.items() if k != "ctxmem"}, summary=summarize(rows))
     path = write_json(args.out, result)
     plot(result, args.out)
@@ -162,7 +191,7 @@ def plot(result, name):
         pts = {}
         for r in rows:
             if r["method"] == method:
-                pts.setdefault(r["tokens"] // 1024 * 1024, []).append(r["seconds"])
+                pts.setdefault(r.get("haystack_tokens", r["tokens"]) // 1024 * 1024, []).append(r["seconds"])
         if pts:
             xs = sorted(pts)
             ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], style, label=method)
@@ -191,6 +220,11 @@ def main():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="MemoryConfig override")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="another ctxmem method on the same prompts, e.g. reader:reader=smollm2-reader")
+    p.add_argument("--rag", action="store_true", help="plain RAG (stock model, top chunks by MiniLM) on the same prompts")
+    p.add_argument("--rag-k", type=int, default=RAG_TOP_K, help="chunks RAG reads")
+    p.add_argument("--rag-chunk", type=int, default=RAG_CHUNK_TOKENS, help="RAG chunk size, embedder tokens")
+    p.add_argument("--rag-overlap", type=int, default=RAG_OVERLAP, help="tokens consecutive RAG chunks share")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--out", default="passkey")
     args = p.parse_args()
     from ctxmem.cli import _parse_overrides

@@ -19,6 +19,10 @@ Methods (same prompts, same greedy decoding, one after the other on each sample)
   ctxmem+compressor  ctxmem+kb with the hits read as summary tokens of the learned compressor
                      (wrap(model, knowledge=KB, compressor=comp)); the same --kb-budget, counted in
                      decoder positions (about ratio x more text); checkpoint $CTXMEM_SUITE_COMPRESSOR
+  rag                plain RAG, no ctxmem: the haystack cut into chunks of 128 MiniLM tokens sharing 64
+                     (ctxmem.index's chunker), ranked by cosine with the sample's question by the same
+                     embedder as ctxmem's selector, the top 3 read in document order by the stock model
+                     in place of the haystack, in the same prompt; its time includes embedding the haystack
 
 Writes benchmarks/results/OUT.json (plan, machine, summary, wall time), OUT_TASK.json (every
 answer, per task), OUT_heatmap.png (needle depth x length), OUT_accuracy.png (score vs length per
@@ -60,9 +64,9 @@ BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 
 TASKS = {**ruler.TASKS, **codeqa_mod.TASKS}
 TASK_ORDER = ["niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "codeqa"]
-METHODS = ["stock", "streaming", "ctxmem", "ctxmem+kb", "ctxmem+compressor"]
+METHODS = ["stock", "streaming", "ctxmem", "ctxmem+kb", "ctxmem+compressor", "rag"]
 LABELS = {"stock": "stock", "streaming": "StreamingLLM", "ctxmem": "ctxmem", "ctxmem+kb": "ctxmem+KB",
-          "ctxmem+compressor": "ctxmem+compressor"}
+          "ctxmem+compressor": "ctxmem+compressor", "rag": "plain RAG"}
 # sample i of a task gets depth DEPTHS[i % len] and value kind KINDS[task][i % len]
 DEPTHS = [0.5, 0.25, 0.75, 0.1, 0.9, 0.4, 0.6, 0.3, 0.7, 0.05, 0.95]
 KINDS = {"niah_single": ["numbers", "words", "uuids"], "niah_multikey": ["numbers", "uuids"],
@@ -183,6 +187,23 @@ class MethodUnavailable(RuntimeError):
     pass
 
 
+def rag_ids(tok, sample, embedder, k: int | None = None) -> tuple[list[int], dict]:
+    """Plain RAG's prompt for a sample: the same ids with the haystack replaced by the top-k chunks of
+    ``sample.context`` for ``sample.question`` (benchmarks.common.rag_retrieve), and what was picked
+    (``rag_hit``: the first needle's text, the one asked about, is inside the picked text; None for
+    tasks without needles; ``rag_needles_picked``: how many of the needles, distractors included)."""
+    from benchmarks.common import RAG_TOP_K, rag_retrieve
+
+    pick = rag_retrieve(sample.context, sample.question, embedder, k=k or RAG_TOP_K)
+    s, e = sample.haystack_span
+    ids = list(sample.ids[:s]) + tok(pick.text, add_special_tokens=False)["input_ids"] + list(sample.ids[e:])
+    needles = [tok.decode(sample.ids[a:b]).strip() for a, b in sample.needle_spans]
+    info = dict(pick.describe(), rag_prompt_tokens=len(ids),
+                rag_hit=(needles[0] in pick.text) if needles else None,
+                rag_needles_picked=sum(n in pick.text for n in needles) if needles else None)
+    return ids, info
+
+
 def method_config(method: str, base):
     if method == "streaming":
         # StreamingLLM: sinks + recent window only; the window gets ctxmem's retrieved budget too.
@@ -262,10 +283,16 @@ class Runner:
 
         from benchmarks.passkey import answer
 
-        ids = torch.tensor([sample.ids])
         release_free_memory()  # each row's peak RSS is its own, not earlier rows' heap high-water
-        with self._wrapped(method, sample) as info, PeakRSS() as mem:
-            text, sec, prefill, decode = answer(self.model, self.tok, ids, sample.max_new_tokens)
+        if method == "rag":
+            with PeakRSS() as mem:
+                ids, info = rag_ids(self.tok, sample, self.emb)
+                text, sec, prefill, decode = answer(self.model, self.tok, torch.tensor([ids]), sample.max_new_tokens)
+            sec += info["rag_seconds"]  # time to answer includes chunking and embedding the haystack
+        else:
+            ids = torch.tensor([sample.ids])
+            with self._wrapped(method, sample) as info, PeakRSS() as mem:
+                text, sec, prefill, decode = answer(self.model, self.tok, ids, sample.max_new_tokens)
         return dict(task=sample.task, length=sample.length, method=method, depth=sample.depth, seed=sample.seed,
                     kind=sample.meta.get("kind"), score=score(text, sample.answers), answers=sample.answers,
                     **_strict(text, sample),
@@ -305,7 +332,7 @@ class Runner:
         smp.max_new_tokens = 2
         used = {m for c in self.plan.cells for m in c.methods} | set(self.plan.ppl_lengths)
         for m in ("stock", "streaming", "ctxmem"):
-            if m in used or (m == "ctxmem" and used & {"ctxmem+kb", "ctxmem+compressor"}):
+            if m in used or (m == "ctxmem" and used & {"ctxmem+kb", "ctxmem+compressor"}) or (m == "stock" and "rag" in used):
                 self.answer(m, smp)
         return time.perf_counter() - t0
 
@@ -610,7 +637,7 @@ def plot(result: dict, rows: list[dict], ppl_rows: list[dict]) -> list[Path]:
     written = []
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     colors = {"stock": "#7f7f7f", "streaming": "#ff7f0e", "ctxmem": "#1f77b4", "ctxmem+kb": "#2ca02c",
-              "ctxmem+compressor": "#9467bd"}
+              "ctxmem+compressor": "#9467bd", "rag": "#d62728"}
 
     # needle heatmap: depth x length per method (single needle; color = mean score)
     sel = [r for r in rows if r["task"] == "niah_single" and not r.get("error")]
