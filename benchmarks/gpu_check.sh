@@ -3,13 +3,15 @@
 #   1. build the extension (torch.utils.cpp_extension JIT, nvcc + ninja) into build/ctxmem_cuda
 #   2. run the kernel tests against the torch reference (tests/test_ops_cuda.py: hypothesis over
 #      shapes, dtypes, GQA ratios, block sizes, budgets; flash-attention-style tolerance)
-#   3. benchmark a decode step at 32K / 128K / 1M tokens against stock SDPA over the full cache
+#   3. the whole wrapped model on the GPU against stock sdpa and the CPU reference (tests/test_gpu.py)
+#   4. whole model, stock HF vs ctxmem, 32K / 128K / 1M (benchmarks/gpu_e2e.py -> gpu_e2e.json)
+#   5. benchmark a decode step at 32K / 128K / 1M tokens against stock SDPA over the full cache
 #      (benchmarks/gpu_decode.py) and write benchmarks/results/gpu.json
 # Targets on an H200: >= 10x faster than full attention at 1M tokens, >= 60% of HBM bandwidth
 # on the bytes the op touches.
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter (default python3)
-#   SKIP_TESTS=1 / SKIP_BENCH=1             # run only part of it
+#   SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_E2E=1 # run only part of it; E2E_ARGS="..." for gpu_e2e.py
 # Copies the JSON and the logs to $OUT when that is set (the device tool's result folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,15 +41,28 @@ fi
 grep -E "error|warning" "$LOG/build.log" | grep -v "^ninja" | head -20
 echo "built in $(( $(date +%s) - start )) s"
 
+RES=${OUT:-benchmarks/results}
+if [ -z "${SKIP_TESTS:-}" ]; then
+    echo "== the wrapped model on the GPU (tests/test_gpu.py)"
+    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -rs -x 2>&1 | tee "$LOG/tests_gpu.log" | tail -15
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "GPU TESTS FAILED"; status=1; }
+fi
+
+if [ -z "${SKIP_E2E:-}" ]; then
+    echo "== whole model: stock HF vs ctxmem (benchmarks/gpu_e2e.py)"
+    timeout ${E2E_TIMEOUT:-300} $PY benchmarks/gpu_e2e.py --out "$RES/gpu_e2e.json" ${E2E_ARGS:---batch8 --profile} 2>&1 | tee "$LOG/e2e.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "E2E BENCHMARK FAILED"; status=1; }
+fi
+
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "== kernel tests against the reference"
-    $PY -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py -rs 2>&1 | tee "$LOG/tests.log" | tail -25
+    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py -rs 2>&1 | tee "$LOG/tests.log" | tail -25
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "TESTS FAILED"; status=1; }
 fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then
     echo "== decode benchmark vs full SDPA"
-    $PY benchmarks/gpu_decode.py --out benchmarks/results/gpu.json 2>&1 | tee "$LOG/bench.log"
+    timeout ${DECODE_TIMEOUT:-150} $PY benchmarks/gpu_decode.py --out benchmarks/results/gpu.json 2>&1 | tee "$LOG/bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BENCHMARK FAILED"; status=1; }
     [ -n "${OUT:-}" ] && [ -f benchmarks/results/gpu.json ] && cp benchmarks/results/gpu.json "$OUT/"
 fi

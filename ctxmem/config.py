@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-BACKENDS = ("auto", "torch", "numba", "cuda")
+BACKENDS = ("auto", "torch", "batched", "numba", "cuda")
 SELECTORS = ("auto", "embed", "keys")
 COLD_DTYPES = ("fp32", "fp16", "int8")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -43,7 +43,8 @@ class MemoryConfig:
     sink_tokens     first tokens always attended (attention sinks)
     local_tokens    most recent tokens always attended (at least this many, fewer than +block_size)
     prefill_chunk   long inputs are read in chunks of this many tokens (cost O(N x budget))
-    backend         "auto" | "torch" | "numba" | "cuda": which implementation of the fused op
+    backend         "auto" | "torch" | "batched" | "numba" | "cuda": which implementation of the fused
+                    op ("batched": the reference vectorised over rows, the GPU prefill path)
     reps_per_block  representative keys per block (means of equal sub-blocks) for key scoring
     selector        how the question and decode steps choose blocks: "embed" (sentence embedder
                     over block text, the remaining budget filled by key scores), "keys" (key

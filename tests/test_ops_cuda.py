@@ -41,7 +41,7 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(cuda_backend, "load_extension", lambda *a, **k: None)
     monkeypatch.setattr(cuda_backend, "_load_error", cuda_backend.BUILD_HELP)
     monkeypatch.setattr(cuda_backend, "_fallback_allowed", False)
-    with pytest.raises(RuntimeError, match="CTXMEM_BUILD_CUDA=1"):
+    with pytest.raises(RuntimeError, match=r"c\.build\(verbose=True\)"):
         cuda_backend.retrieval_attention_cuda(*_small_case().args())
 
 
@@ -61,11 +61,30 @@ def test_fallback_only_when_allowed(monkeypatch):
         cuda_backend.allow_fallback(False)
 
 
-def test_prefill_chunks_use_the_reference():
+def test_prefill_chunks_use_the_batched_path(monkeypatch):
+    # no extension is needed for a prefill chunk: it never reaches the kernels
+    monkeypatch.setattr(cuda_backend, "load_extension", lambda *a, **k: pytest.fail("prefill loaded the extension"))
     c = make_case(B=1, Hkv=1, G=2, D=64, S=8, R=2, topk=2, sink=2, local=8, C=5, ts=[60], ns=[5], seed=0)
     out, sel = cuda_backend.retrieval_attention_cuda(*c.args())
     ref, ref_sel = retrieval_attention_ref(*c.args())
-    assert torch.equal(out, ref) and torch.equal(sel, ref_sel)
+    assert torch.equal(sel, ref_sel)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_build_names_missing_tools(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_missing_tools", lambda: ["ninja (pip install ninja)"])
+    with pytest.raises(RuntimeError, match="missing ninja"):
+        cuda_backend.build()
+
+
+def test_no_automatic_build_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_ext", None)
+    monkeypatch.setattr(cuda_backend, "_load_prebuilt", lambda: None)
+    monkeypatch.setattr(cuda_backend, "build", lambda *a, **k: pytest.fail("built without a GPU"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CTXMEM_BUILD_CUDA", raising=False)
+    assert cuda_backend.load_extension() is None
+    assert "not built" in cuda_backend.load_error()
 
 
 def test_sources_hash_and_cache_dir():

@@ -38,11 +38,10 @@ def ctxmem_attention(module, query, key, value, attention_mask, dropout: float =
     layer = cache.layers[module.layer_idx]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    bias = None if cache.bias is None else cache.bias.to(query.device)
     params = cache.op_params(scaling)
-    k, v, reps, lengths, bias, blocks = layer.op_inputs(query, params, bias)
+    k, v, reps, lengths, bias, blocks = layer.op_inputs(query, params, cache.bias_on(query.device))
     out, selected = retrieval_attention(
-        query, k, v, reps, lengths, cache.n_new, params, cache.inv_freq.to(query.device), bias,
+        query, k, v, reps, lengths, cache.n_new, params, cache.inv_freq_on(query.device), bias,
         backend=cache.cfg.backend,
     )
     if cache.record_selection:

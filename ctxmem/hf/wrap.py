@@ -139,9 +139,10 @@ def wrap(model, config: MemoryConfig | None = None, *, tokenizer=None, embedder=
     if selector == "embed":
         if tokenizer is None:
             raise ValueError("ctxmem.wrap: selector='embed' needs the tokenizer (pass tokenizer=...)")
-        if embedder is None:
+        if embedder is None:  # on the model's device: a GPU model embeds its blocks on the GPU too
             from ..models import load_embedder
-            embedder = load_embedder(cfg.embedder)
+            dev = model.get_input_embeddings().weight.device
+            embedder = load_embedder(cfg.embedder, device=str(dev) if dev.type == "cuda" else "cpu")
     else:
         embedder = None
     if knowledge is not None and tokenizer is None:

@@ -149,6 +149,25 @@ class MemoryCache(Cache):
         self.text_index = BlockTextIndex(tokenizer, embedder) if (tokenizer is not None and embedder is not None) else None
         self.last_selection: dict[int, torch.Tensor] = {}
         self.record_selection = False
+        self._on_device: dict = {}  # (name, device) -> a copy made once (inv_freq) or once per chunk (bias)
+
+    def _device_copy(self, name: str, x: torch.Tensor | None, device) -> torch.Tensor | None:
+        """``x`` on ``device``, copied once and reused by every layer: a copy per layer from pageable
+        host memory would synchronise the GPU stream 2 x layers times per decode step."""
+        if x is None or x.device == torch.device(device):
+            return x
+        key = (name, str(device))
+        hit = self._on_device.get(key)
+        if hit is None:
+            hit = self._on_device[key] = x.to(device)
+        return hit
+
+    def inv_freq_on(self, device) -> torch.Tensor:
+        return self._device_copy("inv_freq", self.inv_freq, device)
+
+    def bias_on(self, device) -> torch.Tensor | None:
+        """This chunk's embedder bias on ``device`` (``begin_chunk`` sets a new one)."""
+        return self._device_copy("bias", self.bias, device)
 
     # -- HF Cache interface -------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -212,6 +231,7 @@ class MemoryCache(Cache):
         self.topk = self.cfg.topk_blocks if question else self.cfg.body_topk
         self.local = self.cfg.local_tokens if question else self.cfg.body_local
         self.bias = None
+        self._on_device = {k: v for k, v in self._on_device.items() if k[0] != "bias"}
         if question and self.text_index is not None and self.topk > 0:
             self.bias, voted = self._embedder_bias(t_before)
             if self.cfg.embed_margin is not None and voted:

@@ -9,7 +9,14 @@ from .reference import block_scores_ref, retrieval_attention_ref, select_topk
 __all__ = [
     "OpParams", "row_layout", "middle_blocks", "retrieval_attention", "retrieval_attention_ref",
     "block_scores_ref", "select_topk", "register_backend", "available_backends",
+    "retrieval_attention_batched",
 ]
+
+# "batched": the reference's contract vectorised over rows and heads (any device; the CUDA backend's
+# prefill path). Explicit only: on the CPU the numba kernel is faster, on a GPU "cuda" uses it.
+from .batched import retrieval_attention_batched  # noqa: E402
+
+register_backend("batched", retrieval_attention_batched, lambda q: None)
 
 # Fast backends register themselves with the dispatcher on import; each is optional.
 try:

@@ -3,21 +3,18 @@
 The extension (``ctxmem_cuda``) implements the decode step (one query per row) in the
 flash-decoding style: block scoring, a radix top-k per KV head shared by the query group, a
 split attention over sinks + selected blocks + local window with fp32 accumulation, and a
-log-sum-exp merge (see ``csrc/README.md``). Prefill chunks (``C > 1``) run the plain-torch
-reference on the GPU (batched SDPA per row): they are compute-bound and rare next to decode.
+log-sum-exp merge (see ``csrc/README.md``). Prefill chunks (``C > 1``) run ``batched.py``: one
+batched gather and one SDPA call per layer, no host loop per row (compute-bound, where SDPA's
+kernels are already near the ceiling).
 
-Building (nothing is compiled at import):
-
-* ``CTXMEM_BUILD_CUDA=1`` in the environment: the first CUDA call JIT-builds the extension with
-  ``torch.utils.cpp_extension.load`` (nvcc + ninja) into the cache folder
-  (``$CTXMEM_CUDA_CACHE``, default ``~/.cache/ctxmem/cuda-<torch>-<cuda>``) for the archs in
-  ``$TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0``); later processes reuse the build.
-* or explicitly: ``python -c "import ctxmem.ops.cuda as c; c.build(verbose=True)"``.
-
-A build already in the cache folder is loaded without ninja or nvcc when its recorded source
-hash matches ``csrc/``. When the extension is missing, a CUDA call raises with these
-instructions; the reference is used instead only if the user allows it
-(``CTXMEM_CUDA_FALLBACK=1`` or ``allow_fallback()``), with a one-time warning.
+Building: on the first CUDA call the extension is JIT-built with ``torch.utils.cpp_extension``
+(nvcc + ninja, about 30 s, one line on stderr) into the cache folder (``$CTXMEM_CUDA_CACHE``,
+default ``~/.cache/ctxmem/cuda-<torch>-<cuda>``) for the archs in ``$TORCH_CUDA_ARCH_LIST``
+(default: the device's own); later processes load the build without nvcc when its recorded
+source hash matches ``csrc/``. ``CTXMEM_BUILD_CUDA=0`` turns the automatic build off; then, or
+when nvcc or ninja is missing, a CUDA call raises an error naming what is missing and how to
+build. The reference is used instead only if the user allows it (``CTXMEM_CUDA_FALLBACK=1`` or
+``allow_fallback()``), with a one-time warning.
 """
 from __future__ import annotations
 
@@ -25,6 +22,8 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from .dispatch import register_backend
 from .layout import OpParams
+from .batched import retrieval_attention_batched
 from .reference import retrieval_attention_ref
 
 EXT_NAME = "ctxmem_cuda"
@@ -48,12 +48,33 @@ _fallback_allowed = os.environ.get("CTXMEM_CUDA_FALLBACK", "") not in ("", "0")
 _warned = False
 
 BUILD_HELP = (
-    "the ctxmem CUDA extension is not built. Build it once (needs nvcc and ninja; about a minute):\n"
-    "    CTXMEM_BUILD_CUDA=1 python -c \"import ctxmem.ops.cuda as c; c.build(verbose=True)\"\n"
-    "or set CTXMEM_BUILD_CUDA=1 to build on first use. To run the plain-torch reference on the GPU "
-    "instead, set CTXMEM_CUDA_FALLBACK=1 (or call ctxmem.ops.cuda.allow_fallback()), or choose "
-    "MemoryConfig(backend=\"torch\")."
+    "the ctxmem CUDA extension is not built. It builds by itself on the first CUDA call (needs nvcc "
+    "and ninja; about 30 s) unless CTXMEM_BUILD_CUDA=0; to build it explicitly:\n"
+    "    python -c \"import ctxmem.ops.cuda as c; c.build(verbose=True)\"\n"
+    "To run the plain-torch reference on the GPU instead, set CTXMEM_CUDA_FALLBACK=1 (or call "
+    "ctxmem.ops.cuda.allow_fallback()), or choose MemoryConfig(backend=\"torch\")."
 )
+
+
+def _missing_tools() -> list[str]:
+    """What a JIT build needs and this machine lacks (nvcc, ninja), named for the error."""
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+
+    missing = []
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if not (nvcc and os.path.exists(nvcc)) and shutil.which("nvcc") is None:
+        missing.append("nvcc (the CUDA toolkit; set CUDA_HOME)")
+    if not is_ninja_available():
+        missing.append("ninja (pip install ninja)")
+    return missing
+
+
+def _default_archs() -> str:
+    """The visible GPUs' own compute capabilities (a build for the device at hand), else 8.0;9.0."""
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{ma}.{mi}" for ma, mi in caps)
+    return DEFAULT_ARCHS
 
 
 def sources() -> list[Path]:
@@ -102,9 +123,14 @@ def build(verbose: bool = False):
         raise RuntimeError(f"ctxmem CUDA sources not found at {CSRC} (a source checkout is needed to build)")
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
+    missing = _missing_tools()
+    if missing:
+        raise RuntimeError("cannot build the ctxmem CUDA extension: missing " + " and ".join(missing))
     env_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not env_archs:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _default_archs()
+    if not verbose:  # library code speaks on stderr only; one line, since this takes a while
+        print(f"ctxmem: building the CUDA extension once (about 30 s) into {d}", file=sys.stderr, flush=True)
     try:
         mod = load(
             name=EXT_NAME,
@@ -125,13 +151,13 @@ def build(verbose: bool = False):
 
 
 def load_extension(build_if_missing: bool | None = None):
-    """The extension module, or None (reason in ``load_error()``). Builds only when asked to
-    (argument, or ``CTXMEM_BUILD_CUDA=1``)."""
+    """The extension module, or None (reason in ``load_error()``). Builds when none is cached and a
+    GPU is visible, unless ``CTXMEM_BUILD_CUDA=0`` (or ``build_if_missing=False``)."""
     global _ext, _load_error
     if _ext is not None:
         return _ext
     if build_if_missing is None:
-        build_if_missing = os.environ.get("CTXMEM_BUILD_CUDA", "") not in ("", "0")
+        build_if_missing = os.environ.get("CTXMEM_BUILD_CUDA", "1") != "0" and torch.cuda.is_available()
     try:
         mod = _load_prebuilt()
         if mod is None:
@@ -165,19 +191,37 @@ def allow_fallback(flag: bool = True) -> None:
     _fallback_allowed = bool(flag)
 
 
+_index_cache: dict = {}
+
+
 def _as_index(x, B: int, device) -> torch.Tensor:
+    """``lengths`` / ``n_new`` on the device. The cache keeps them on the host; a plain ``.to(device)``
+    of a pageable tensor synchronises the stream, once per layer and step. Every layer of a decode
+    step asks for the same values: copy them once (pinned, asynchronous) and reuse the device tensor."""
     t = torch.as_tensor(x)
-    if t.device != device or t.dtype != torch.int64:
-        t = t.to(device=device, dtype=torch.int64)
-    return t.reshape(B)
+    if t.device == device and t.dtype == torch.int64:
+        return t.reshape(B)
+    if t.device.type != "cpu":
+        return t.to(device=device, dtype=torch.int64).reshape(B)
+    key = (device, tuple(t.reshape(-1).tolist()))
+    hit = _index_cache.get(key)
+    if hit is None:
+        if len(_index_cache) > 256:  # one entry per distinct step; old steps are never asked again
+            _index_cache.clear()
+        host = t.to(torch.int64).reshape(B)
+        if torch.cuda.is_available():
+            host = host.pin_memory()
+        hit = (host, host.to(device, non_blocking=True))  # the pinned source lives as long as the copy
+        _index_cache[key] = hit
+    return hit[1]
 
 
 def retrieval_attention_cuda(q, k, v, reps, lengths, n_new, params: OpParams, inv_freq, bias=None):
-    """CUDA implementation of ``retrieval_attention_ref`` (decode kernels; prefill via the reference)."""
+    """CUDA implementation of ``retrieval_attention_ref`` (decode kernels; prefill chunks batched)."""
     global _warned
     B, Hq, C, D = q.shape
     if C != 1:
-        return retrieval_attention_ref(q, k, v, reps, lengths, n_new, params, inv_freq, bias)
+        return retrieval_attention_batched(q, k, v, reps, lengths, n_new, params, inv_freq, bias)
     ext = load_extension()
     if ext is None:
         if not _fallback_allowed:
