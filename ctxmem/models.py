@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -98,13 +99,19 @@ def resolve_lm_path(name_or_path: str) -> str:
     dest = cache_root() / "models" / name_or_path
     if not _cached_ok(dest):
         folder = _package_folder(module, f"model '{name_or_path}'")
-        print(f"ctxmem: converting the bundled {gguf_file} once (about 20 s); cached at {dest}", flush=True)
+        # stderr: stdout is the commands' (`--json` prints one object there, even on a first run)
+        print(f"ctxmem: converting the bundled {gguf_file} once (about 20 s); cached at {dest}", file=sys.stderr,
+              flush=True)
         _convert_gguf(folder, gguf_file, dest)
     return str(dest)
 
 
-def load_model(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32, device: str | None = None):
+def load_model(name_or_path: str = "smollm2", dtype: torch.dtype | None = None, device: str | None = None):
     """Return ``(model, tokenizer)``: the bundled SmolLM2 by default, or any HF causal LM id/path.
+
+    ``device``: None or "cpu" keeps the model on the CPU; "cuda" (or "cuda:N") moves it to the GPU.
+    ``dtype``: default float32 on the CPU (exact; half precision is slow there) and bfloat16 on a GPU
+    (what long-context models run in, and what the CUDA kernels are fastest in).
 
     The tokenizer is also attached to the model (``model.ctxmem_tokenizer``) so that ``wrap`` can
     find it for text-based block retrieval; a bundled model with a bundled reader adapter also gets
@@ -114,6 +121,12 @@ def load_model(name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32
 
     path = resolve_lm_path(name_or_path)
     tok = AutoTokenizer.from_pretrained(path)
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise RuntimeError(f"load_model: device {device!r} asked for, but torch sees no CUDA GPU "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})")
+    if dtype is None:
+        dtype = torch.bfloat16 if on_gpu else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if device is not None:
         model = model.to(device)
