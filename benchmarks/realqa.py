@@ -5,6 +5,7 @@ passages far apart, counting; answers checked exactly; a fixed tune/test split b
 
     python -m benchmarks.realqa --lengths 4096,16384 --samples 1 --threads 1          # test split
     python -m benchmarks.realqa --list                                                 # the plan only
+    python -m benchmarks.realqa --merge realqa_4096,realqa_16384 --out realqa          # runs as one result
 
 Methods (greedy decoding, the bundled SmolLM2-135M-Instruct, trained window 8K):
   stock            the unwrapped model; a prompt longer than its window keeps the document's first and
@@ -86,6 +87,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    code = _code_state()
     model, tok = ctxmem.load_model("smollm2")
     emb = ctxmem.load_embedder("minilm")
     frame = ChatFrame(tok)
@@ -112,7 +114,7 @@ def run(args) -> dict:
         m.update(cpu_model=cpu_model(), python=platform.python_version(), load_avg=list(os.getloadavg()),
                  omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
         result = dict(benchmark="realqa", partial=partial, command=" ".join(["python -m benchmarks.realqa"] + sys.argv[1:]),
-                      model="smollm2", machine=m, wall_seconds=round(time.perf_counter() - t_start, 1),
+                      model="smollm2", machine=m, wall_seconds=round(time.perf_counter() - t_start, 1), code=code,
                       split=args.split, stock_window=window, config=base.to_dict(),
                       rag=dict(embedder="minilm", chunk_tokens=RAG_CHUNK_TOKENS, overlap=RAG_OVERLAP, top_k=RAG_TOP_K),
                       samples=[s.describe() | dict(units=s.units) for s in samples], not_generated=failed,
@@ -149,6 +151,20 @@ def run(args) -> dict:
             if wrapped:
                 ctxmem.unwrap(model)
     return save(partial=False)
+
+
+def _code_state() -> dict:
+    """The commit this ran on and the files that differed from it (others may edit the tree meanwhile)."""
+    import subprocess
+
+    root = RESULTS.parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--short", "--", "ctxmem", "benchmarks"], cwd=root,
+                               capture_output=True, text=True).stdout.split("\n")
+        return dict(head=head, modified=[x.strip() for x in dirty if x.strip()])
+    except OSError:
+        return {}
 
 
 def log(msg: str):
@@ -260,6 +276,8 @@ def main(argv=None):
     p.add_argument("--out", default="realqa")
     p.add_argument("--list", action="store_true", help="print the generated questions, run nothing")
     p.add_argument("--replot", action="store_true", help="redraw the plot and table from --out's JSON")
+    p.add_argument("--merge", default=None, metavar="RUN,RUN", help="write --out as these finished runs together "
+                   "(runs side by side: wall time = the longest), run nothing")
     args = p.parse_args(argv)
     from ctxmem.cli import _parse_overrides
     args.config = _parse_overrides(args.set)
@@ -269,6 +287,30 @@ def main(argv=None):
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; methods: {METHODS}")
+    if args.merge:
+        names = args.merge.split(",")
+        loaded = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+        for n, r in zip(names, loaded):
+            if r.get("partial"):
+                p.error(f"{n} is a partial run")
+            for key in ("config", "rag", "split", "stock_window", "model"):
+                if r.get(key) != loaded[0].get(key):
+                    p.error(f"{names[0]} and {n} differ in {key!r}")
+        rows = [row for r in loaded for row in r["rows"]]
+        keys = [(r["method"], r["kind"], r["qtype"], r["length"], r["index"]) for r in rows]
+        if len(set(keys)) != len(keys):
+            p.error("a (method, kind, question type, length, index) is in more than one run")
+        result = dict(loaded[0], command=f"python -m benchmarks.realqa --merge {args.merge} --out {args.out}",
+                      merged_from=[dict(name=n, command=r["command"], machine=r["machine"], code=r.get("code"),
+                                        wall_seconds=r["wall_seconds"]) for n, r in zip(names, loaded)],
+                      wall_seconds=max(r["wall_seconds"] for r in loaded),
+                      samples=[x for r in loaded for x in r["samples"]],
+                      not_generated=[x for r in loaded for x in r["not_generated"]],
+                      rows=rows, summary=summarize(rows))
+        write_json(args.out, result)
+        plot(result, args.out)
+        print("\n".join(table(result)))
+        return 0
     if args.replot:
         result = json.loads((RESULTS / f"{args.out}.json").read_text())
         plot(result, args.out)
