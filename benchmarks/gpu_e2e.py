@@ -3,7 +3,8 @@
 Random weights of real shapes (SmolLM2-135M, Llama-3.2-1B, Llama-3-8B; bf16), one process, the
 same prompt for both methods, ``torch.cuda.synchronize()`` around every timing. Prefill is one
 forward over the whole prompt (``logits_to_keep=1``); decode is ``--new`` greedy steps of one
-token each through the same forward (what ``generate`` calls), timed together and divided. ctxmem
+token each through the same forward (what ``generate`` calls), each token copied to the host as
+``generate`` does, timed together and divided. ctxmem
 runs ``MemoryConfig(selector="keys", backend="cuda", prefill_chunk=--chunk)``: prefill chunks go
 through the batched gather + SDPA path, decode steps through the CUDA kernels. Stock runs
 wherever its KV cache and the O(N^2) prefill fit the time asked for (``--stock-max``).
@@ -102,6 +103,7 @@ def measure(model, ids, new: int, make_cache=None) -> dict:
     for _ in range(new):
         out = model(tok, cache=cache, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1:].argmax(-1)
+        tok.cpu()  # each step's token reaches the host, as in generate (stopping criteria, streaming)
     _sync()
     decode = (time.perf_counter() - t0) / max(new, 1)
     peak = torch.cuda.max_memory_allocated() - base if cuda else 0
@@ -117,7 +119,7 @@ BACKEND = "cuda"
 
 def ctxmem_config(chunk: int):
     import ctxmem
-    return ctxmem.MemoryConfig(selector="keys", backend=BACKEND, prefill_chunk=chunk, reader=None,
+    return ctxmem.MemoryConfig(selector="keys", backend=BACKEND, prefill_chunk=chunk, gpu_prefill_chunk=chunk, reader=None,
                                max_context=4_000_000)
 
 

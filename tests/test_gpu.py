@@ -55,8 +55,9 @@ def test_full_budget_equals_stock_bf16(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_equal_cpu_reference_fp32(family):
     cfg = dict(block_size=16, topk_blocks=3, sink_tokens=4, local_tokens=32, prefill_chunk=96, selector="keys",
-               reader=None)
-    ids = torch.randint(0, 97, (1, 400), generator=torch.Generator().manual_seed(2))
+               reader=None, gpu_prefill_chunk=None)  # the same chunks on both devices
+    # ids from 1: generate would read the pad id (0) inside the prompt as padding
+    ids = torch.randint(1, 97, (1, 400), generator=torch.Generator().manual_seed(2))
     cpu = tiny_model(family, seed=2, head_dim=64)
     ctxmem.wrap(cpu, ctxmem.MemoryConfig(backend="torch", **cfg))
     ref = cpu.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)

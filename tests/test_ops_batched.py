@@ -90,3 +90,16 @@ def test_wrapped_model_same_tokens_as_reference(family):
         outs[backend] = (logits, gen)
     torch.testing.assert_close(outs["batched"][0], outs["torch"][0], rtol=1e-4, atol=1e-4)
     assert torch.equal(outs["batched"][1], outs["torch"][1])
+
+
+def test_gpu_chunk_is_capped_by_the_window():
+    cfg = ctxmem.MemoryConfig(block_size=64, topk_blocks=9, sink_tokens=64, local_tokens=128)
+    assert cfg.chunk_for("cpu", 8192) == cfg.prefill_chunk == 512
+    assert cfg.chunk_for("cuda", None) == 4096
+    assert cfg.chunk_for("cuda", 8192) == 4096 and cfg.span(4096) <= 8192
+    small = cfg.chunk_for("cuda", 2048)  # 4096 would overrun a 2K window: cut to what fits
+    assert small % 64 == 0 and cfg.span(small) <= 2048 < cfg.span(small + 64)
+    assert cfg.chunk_for("cuda", 1000) == 512  # never below prefill_chunk (wrap then refuses the span)
+    assert ctxmem.MemoryConfig(gpu_prefill_chunk=None).chunk_for("cuda", 8192) == 512
+    with pytest.raises(ValueError, match="gpu_prefill_chunk"):
+        ctxmem.MemoryConfig(gpu_prefill_chunk=0)

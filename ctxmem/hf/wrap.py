@@ -55,6 +55,12 @@ def _rope_type(mc) -> str:
     return params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
 
 
+def chunk_size(model, cfg: MemoryConfig) -> int:
+    """Tokens per read chunk for this model: ``gpu_prefill_chunk`` on a CUDA model, else ``prefill_chunk``."""
+    dev = model.get_input_embeddings().weight.device
+    return cfg.chunk_for(dev.type, getattr(model.config, "max_position_embeddings", None))
+
+
 def _check_model(model, cfg: MemoryConfig) -> None:
     mc = model.config
     family = getattr(mc, "model_type", type(model).__name__)
@@ -69,9 +75,9 @@ def _check_model(model, cfg: MemoryConfig) -> None:
     if rt not in PURE_ROTATION_ROPE:
         raise ValueError(f"ctxmem.wrap: rope_type {rt!r} is not a pure rotation; supported: {PURE_ROTATION_ROPE}")
     window = getattr(mc, "max_position_embeddings", None)
-    if window is not None and cfg.span() > window:
+    if window is not None and cfg.span(chunk_size(model, cfg)) > window:
         raise ValueError(
-            f"ctxmem.wrap: this MemoryConfig lets a query see keys up to {cfg.span()} positions back "
+            f"ctxmem.wrap: this MemoryConfig lets a query see keys up to {cfg.span(chunk_size(model, cfg))} positions back "
             f"(sink + topk*block + local + block + chunk), past the model's trained window ({window}); "
             "lower topk_blocks, local_tokens, prefill_topk, prefill_local or prefill_chunk")
 
@@ -318,7 +324,7 @@ def _make_forward(model, state: WrapState):
         x = input_ids if input_ids is not None else inputs_embeds
         L = x.shape[1]
         pos = _positions(cache.real_lengths() if cache.token_ids else [0] * x.shape[0], valid).to(x.device)
-        bounds = _chunk_bounds(L, cfg.prefill_chunk)
+        bounds = _chunk_bounds(L, chunk_size(model, cfg))
         bar = None
         if state.progress and len(bounds) > 1:
             from tqdm.auto import tqdm
@@ -478,7 +484,7 @@ def _make_forward(model, state: WrapState):
         keep = logits_to_keep
         keep_all = isinstance(keep, torch.Tensor) or labels is not None or keep == 0
         if not keep_all:
-            s, e = _chunk_bounds(L, cfg.prefill_chunk)[-1]
+            s, e = _chunk_bounds(L, chunk_size(model, cfg))[-1]
             keep_all = keep > e - s  # asks for more than the last chunk holds
         logits = read(cache, input_ids, inputs_embeds, valid, question=True, counted=True, keep_all=keep_all,
                       keep=0 if keep_all else keep, kwargs=kwargs)

@@ -41,7 +41,7 @@ from .adapter import Reader, ReaderConfig, ReaderError
 
 STATE_FILE = "train_state.json"
 OPT_FILE = "optimizer.safetensors"
-TRAIN_CONFIG = {"prefill_chunk": 128}  # MemoryConfig settings the trainer fixes unless --config overrides them
+TRAIN_CONFIG = {"prefill_chunk": 128, "gpu_prefill_chunk": None}  # MemoryConfig settings the trainer fixes unless --config overrides them
 
 
 @dataclass
@@ -123,13 +123,13 @@ def train(model, reader: Reader, make_example: Callable[[int], Example], out_dir
     Resumes from ``out_dir`` when it holds a run made with the same settings, task and reader config."""
     from safetensors.torch import load, save
 
-    from ..hf.wrap import new_cache
+    from ..hf.wrap import chunk_size, new_cache
 
     if getattr(model, "_ctxmem", None) is None or model._ctxmem.reader is not reader:
         raise ReaderError("reader.train: wrap the model with reader=<this reader> first")
     if ts.kl_weight > 0 and make_plain is None:
         raise ReaderError("reader.train: kl_weight > 0 needs make_plain (the plain windows the KL is taken on)")
-    keep = model._ctxmem.cfg.prefill_chunk  # the KL covers the chunk the adapter is on for
+    keep = chunk_size(model, model._ctxmem.cfg)  # the KL covers the chunk the adapter is on for
     out_dir = Path(out_dir)
     params = list(reader.parameters().values())
     for p in model.parameters():
