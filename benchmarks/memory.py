@@ -153,7 +153,7 @@ def store_only(n: int, budget: str, cold_dtype: str) -> dict:
 
     from benchmarks.common import current_rss_mb, peak_rss_mb
     from ctxmem import MemoryConfig
-    from ctxmem.memory import MemoryCache
+    from ctxmem.hf import MemoryCache
 
     torch.set_grad_enabled(False)
     layers, H, D, Hq, C = 30, 3, 64, 9, 128

@@ -20,7 +20,7 @@ _LAZY = {
     "wrap": ".hf", "unwrap": ".hf", "new_cache": ".hf",
     "load_model": ".models", "load_embedder": ".models",
     "KnowledgeIndex": ".index", "Hit": ".index",
-    "save_memory": ".memory", "load_memory": ".memory",
+    "save_memory": ".hf", "load_memory": ".hf",
     "read_memory": ".hf", "read_knowledge": ".hf", "read_context": ".hf",
     "Compressor": ".compress",
     "memory": ".memory", "ops": ".ops", "index": ".index", "hf": ".hf",

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import ctxmem
 from ctxmem import MemoryConfig
-from ctxmem.memory import MemoryFormatError, MemoryMismatchError, load_memory, save_memory
+from ctxmem.hf import load_memory, save_memory
+from ctxmem.memory import MemoryFormatError, MemoryMismatchError
 from ctxmem.memory.persist import MANIFEST, read_manifest
 from conftest import tiny_model
 

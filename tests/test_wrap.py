@@ -139,7 +139,7 @@ def test_memory_cache_is_returned_and_reused():
     ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(9))
     whole = model(ids).logits
     first = model(ids[:, :45])
-    assert isinstance(first.cache, ctxmem.memory.MemoryCache)
+    assert isinstance(first.cache, ctxmem.hf.MemoryCache)
     rest = model(ids[:, 45:], cache=first.cache).logits
     assert (rest - whole[:, 45:]).abs().max().item() <= 1e-4
 

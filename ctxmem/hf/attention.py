@@ -1,8 +1,9 @@
 """The "ctxmem" attention implementation registered with transformers.
 
 The modeling code computes q/k/v and RoPE as usual, hands k/v to the cache (our
-``MemoryCache`` stores them) and then calls the registered attention function, which runs the
-fused retrieval-attention op over the store. Outside a ctxmem forward (no active memory) both
+``MemoryCache`` stores them) and then calls the registered attention function, a thin adapter
+(like transformers' own ``sdpa_attention.py``): ``MemoryCache.attend`` runs the fused
+retrieval-attention op over the layer's store. Outside a ctxmem forward (no active memory) both
 the attention and the mask functions fall back to stock sdpa, so a wrapped model is never wrong.
 """
 from __future__ import annotations
@@ -10,12 +11,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..ops import retrieval_attention
 
 NAME = "ctxmem"
 _ACTIVE: ContextVar = ContextVar("ctxmem_active_memory", default=None)
@@ -35,23 +34,9 @@ def ctxmem_attention(module, query, key, value, attention_mask, dropout: float =
     if cache is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    layer = cache.layers[module.layer_idx]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    params = cache.op_params(scaling)
-    k, v, reps, lengths, bias, blocks = layer.op_inputs(query, params, cache.bias_on(query.device))
-    out, selected = retrieval_attention(
-        query, k, v, reps, lengths, cache.n_new, params, cache.inv_freq_on(query.device), bias,
-        backend=cache.cfg.backend,
-    )
-    if cache.record_selection:
-        if blocks is not None:  # a compact store: map its block indices back to the row's
-            for b, U in enumerate(blocks):
-                if U is not None and U.numel():
-                    sel = selected[b]
-                    selected[b] = torch.where(sel >= 0, U.to(sel.device)[sel.clamp(min=0)], sel)
-        cache.last_selection[module.layer_idx] = selected
-    return out.transpose(1, 2).contiguous(), None
+    return cache.attend(module.layer_idx, query, scaling), None
 
 
 def ctxmem_mask(*args, **kwargs):

@@ -1,23 +1,21 @@
-"""Working memory as a transformers ``Cache``: per-layer KV stores cut into blocks.
+"""One decoder layer's KV store, cut into blocks: the storage half of working memory.
 
-Each row of the batch is stored *compacted*: padding tokens are never stored, so stored slot i
+Plain torch: this module knows no model and no transformers (``ctxmem.hf.cache`` adapts it to a
+transformers ``Cache`` layer). Each row of the batch is stored *compacted*: padding tokens are never stored, so stored slot i
 of a row is the row's i-th real token and its RoPE position is i. Storage grows by doubling (no
 O(N) copy per decode step). When a block of ``block_size`` tokens completes, its representative
 keys (means of ``reps_per_block`` equal sub-blocks) are computed once, for key scoring.
 
-The HF-facing length (``get_seq_length``) counts every token fed, padding included, because
-that is what ``generate`` slices its inputs by; the op reads the compacted per-row lengths.
+The owner (``BlockStore``) counts every token fed, padding included (what ``generate`` slices its
+inputs by); the op reads the compacted per-row lengths kept here.
 """
 from __future__ import annotations
 
 import weakref
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..config import MemoryConfig
-from ..ops import OpParams, middle_blocks
-from .text_index import BlockTextIndex
+from ..ops import OpParams
 
 
 def grown(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -29,15 +27,12 @@ def grown(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return buf
 
 
-class BlockMemoryLayer(CacheLayerMixin):
+class BlockStoreLayer:
     """One decoder layer's KV store: keys/values [B, Hkv, cap, D] plus block representatives."""
 
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, owner: "MemoryCache"):
-        super().__init__()
+    def __init__(self, owner):
+        super().__init__()  # (the transformers layer mixin, in ctxmem.hf.cache's subclass)
+        self.is_initialized = False
         # A weak proxy, not a reference: cache -> layer -> cache would be a cycle, and a cycle
         # holding GBs of tensors is freed only when the cyclic GC happens to run.
         self.owner = owner if isinstance(owner, weakref.ProxyType) else weakref.proxy(owner)
@@ -56,7 +51,8 @@ class BlockMemoryLayer(CacheLayerMixin):
         self.lengths = torch.zeros(B, dtype=torch.long)
         self.is_initialized = True
 
-    def _grow(self, need: int) -> None:
+    def reserve(self, need: int) -> None:
+        """Room for ``need`` tokens per row (growing in place; old values kept)."""
         cap = self.k.shape[2]
         if need <= cap:
             return
@@ -76,7 +72,7 @@ class BlockMemoryLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         n_new = self.owner.n_new
         C = key_states.shape[2]
-        self._grow(int((self.lengths + n_new).max()))
+        self.reserve(int((self.lengths + n_new).max()))
         cfg = self.owner.cfg
         S, R, sink = cfg.block_size, cfg.reps_per_block, cfg.sink_tokens
         for b in range(key_states.shape[0]):
@@ -102,166 +98,42 @@ class BlockMemoryLayer(CacheLayerMixin):
         """What the fused op reads: the whole store (see ``TieredMemoryLayer`` for the bounded one)."""
         return self.k, self.v, self.reps, self.lengths, bias, None
 
-    def get_seq_length(self) -> int:
-        return self.owner.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.__init__(self.owner)
 
-    def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("ctxmem working memory does not support beam search yet")
+    # -- rows in and out (save / load); the tiered layer overrides these ----------------------------
+    def export_row(self, b: int):
+        """Row ``b`` as ``(hot_k, hot_v, spilled)``: the keys/values kept in RAM ([H, hot, D]) and how
+        many middle blocks after the sinks live in the cold store instead (none here)."""
+        L = int(self.lengths[b])
+        return self.k[b, :, :L], self.v[b, :, :L], 0
 
+    def prepare_import(self, batch: int, heads: int, head_dim: int, dtype, rows: list[dict]) -> None:
+        """Empty buffers sized for ``rows`` (the manifest's per-row length, hot, blocks, spilled)."""
+        probe = torch.zeros(batch, heads, 1, head_dim, dtype=dtype)
+        self.lazy_initialization(probe, probe)
+        self.reserve(max(r["length"] for r in rows) + 1)
 
-class MemoryCache(Cache):
-    """The working-memory cache ``wrap`` gives the model (one per ``generate`` call or context).
+    def import_row(self, b: int, row: dict, hot_k, hot_v, reps) -> None:
+        """Row ``b`` from what ``export_row`` gave (its cold blocks follow through ``import_cold_block``)."""
+        S, sink = self.owner.cfg.block_size, self.owner.cfg.sink_tokens
+        L = row["length"]
+        self.reps[b, :, : row["blocks"]] = reps.to(self.reps.dtype)
+        self.lengths[b] = L
+        # hot = sinks + tail; the cold blocks go between them
+        s0 = min(sink, L)
+        self.k[b, :, :s0], self.v[b, :, :s0] = hot_k[:, :s0], hot_v[:, :s0]
+        t0 = sink + row["spilled"] * S
+        self.k[b, :, t0:L] = hot_k[:, s0:]
+        self.v[b, :, t0:L] = hot_v[:, s0:]
 
-    Besides the per-layer stores it keeps each row's token ids (the block text the embedder reads)
-    and the state of the chunk being processed (real-token counts, embedder bias, phase).
-    """
+    def import_cold_block(self, key, data: bytes, src_cold: str) -> None:
+        """A block that was in the cold store when saved (``key`` = (layer, row, block)): decoded into place."""
+        from .cold_store import decode_block
 
-    def __init__(self, num_layers: int, cfg: MemoryConfig, inv_freq: torch.Tensor,
-                 tokenizer=None, embedder=None):
-        if cfg.ram_budget is None:
-            layers = [BlockMemoryLayer(self) for _ in range(num_layers)]
-        else:
-            from ._malloc import pin_malloc_thresholds
-            from .tiered import TieredMemoryLayer
-            pin_malloc_thresholds()  # a RAM bound asked for: keep freed blocks returnable to the OS
-            layers = [TieredMemoryLayer(self, i) for i in range(num_layers)]
-        super().__init__(layers=layers)
-        self.cfg = cfg
-        self.cold = None  # ColdBlockStore, created with the first tiered layer
-        self.inv_freq = inv_freq.detach().float().cpu()
-        self.seen = 0  # tokens fed so far, padding included (the HF view)
-        self.pending = 0  # tokens the read in progress has still to add (sizes the KV buffers)
-        self.hidden_prefix: list[int] | None = None  # knowledge tokens read before the prompt, per row
-        self.token_ids: list[list[int]] = []
-        self.n_new = torch.zeros(0, dtype=torch.long)
-        self.bias: torch.Tensor | None = None
-        self.topk = cfg.topk_blocks
-        self.local = cfg.local_tokens
-        self.text_index = BlockTextIndex(tokenizer, embedder) if (tokenizer is not None and embedder is not None) else None
-        self.last_selection: dict[int, torch.Tensor] = {}
-        self.record_selection = False
-        self._on_device: dict = {}  # (name, device) -> a copy made once (inv_freq) or once per chunk (bias)
-
-    def _device_copy(self, name: str, x: torch.Tensor | None, device) -> torch.Tensor | None:
-        """``x`` on ``device``, copied once and reused by every layer: a copy per layer from pageable
-        host memory would synchronise the GPU stream 2 x layers times per decode step."""
-        if x is None or x.device == torch.device(device):
-            return x
-        key = (name, str(device))
-        hit = self._on_device.get(key)
-        if hit is None:
-            hit = self._on_device[key] = x.to(device)
-        return hit
-
-    def inv_freq_on(self, device) -> torch.Tensor:
-        return self._device_copy("inv_freq", self.inv_freq, device)
-
-    def bias_on(self, device) -> torch.Tensor | None:
-        """This chunk's embedder bias on ``device`` (``begin_chunk`` sets a new one)."""
-        return self._device_copy("bias", self.bias, device)
-
-    # -- HF Cache interface -------------------------------------------------------------
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.seen
-
-    def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("ctxmem working memory does not support beam search yet")
-
-    # -- the cold tier (ram_budget set) ------------------------------------------------------
-    @property
-    def tiered(self) -> bool:
-        return self.cfg.ram_budget is not None
-
-    def reps_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """Representatives stay in RAM for every block: half precision unless blocks are exact."""
-        return dtype if self.cfg.cold_dtype == "fp32" else torch.float16
-
-    def cold_store(self, H: int, D: int, dtype: torch.dtype):
-        if self.cold is None:
-            from .cold_store import ColdBlockStore
-            self.cold = ColdBlockStore(H, self.cfg.block_size, D, dtype, self.cfg.cold_dtype,
-                                       self.cfg.ram_budget_bytes, self.cfg.offload_dir)
-        return self.cold
-
-    # -- chunk bookkeeping (called by the wrapped forward) --------------------------------
-    @property
-    def batch_size(self) -> int:
-        return len(self.token_ids)
-
-    def real_lengths(self) -> list[int]:
-        return [len(r) for r in self.token_ids]
-
-    def op_params(self, scaling: float) -> OpParams:
-        c = self.cfg
-        return OpParams(c.block_size, self.topk, c.sink_tokens, self.local, float(scaling))
-
-    def begin_chunk(self, ids: torch.Tensor | None, valid: torch.Tensor, question: bool) -> None:
-        """Record the chunk's real tokens and choose this chunk's retrieval mode.
-
-        ``question`` chunks (the end of the prompt, and every decode step) retrieve with the full
-        ``topk_blocks`` and, when the embed selector is on, the embedder's votes; body chunks use
-        ``prefill_topk`` key-scored blocks and a local window of ``prefill_local`` tokens.
-        """
-        B, C = valid.shape
-        if not self.token_ids:
-            self.token_ids = [[] for _ in range(B)]
-        elif B != self.batch_size:
-            raise ValueError(f"batch size changed from {self.batch_size} to {B} within one ctxmem cache")
-        self.n_new = valid.sum(1).to(torch.long).cpu()
-        t_before = self.real_lengths()
-        for b in range(B):
-            n = int(self.n_new[b])
-            if n:
-                self.token_ids[b].extend(ids[b, C - n:].tolist() if ids is not None else [-1] * n)
-        self.topk = self.cfg.topk_blocks if question else self.cfg.body_topk
-        self.local = self.cfg.local_tokens if question else self.cfg.body_local
-        self.bias = None
-        self._on_device = {k: v for k, v in self._on_device.items() if k[0] != "bias"}
-        if question and self.text_index is not None and self.topk > 0:
-            self.bias, voted = self._embedder_bias(t_before)
-            if self.cfg.embed_margin is not None and voted:
-                # attend only the blocks the embedder chose (the widest row's count), no key-scored fill
-                self.topk = min(self.topk, voted)
-
-    def end_chunk(self, fed: int) -> None:
-        self.seen += fed
-
-    def _embedder_bias(self, t_before: list[int]) -> tuple[torch.Tensor | None, int]:
-        """(bias [B, nb] or None, blocks voted in the widest row; 0 when some row got no vote)."""
-        cfg = self.cfg
-        probe = self.op_params(1.0)
-        rows, voted = [], []
-        for b, t in enumerate(t_before):
-            nmid = middle_blocks(t, probe)
-            if nmid <= self.topk or -1 in self.token_ids[b][:1]:
-                rows.append(None)  # everything fits, or no text (inputs_embeds): nothing to vote on
-                continue
-            bias, n = self.text_index.vote(
-                b, self.token_ids[b], nmid, cfg.sink_tokens, cfg.block_size, query_tokens=cfg.query_tokens,
-                hits=cfg.embed_hits, neighbors=cfg.embed_neighbors, margin=cfg.embed_margin)
-            rows.append(bias)
-            voted.append(n)
-        if all(r is None for r in rows):
-            return None, 0
-        nb = max(len(r) for r in rows if r is not None)
-        bias = torch.zeros(len(rows), nb)
-        for b, r in enumerate(rows):
-            if r is not None:
-                bias[b, : len(r)] = r
-        # a row that did not vote keeps the full topk (it may need every block it has)
-        return bias, (max(voted) if len(voted) == len(rows) else 0)
+        _, b, j = key
+        H, _, D = self.k.shape[1:]
+        S = self.owner.cfg.block_size
+        kb, vb = decode_block(data, src_cold, H, S, D, self.k.dtype)
+        p = self.owner.cfg.sink_tokens + j * S
+        self.k[b, :, p:p + S], self.v[b, :, p:p + S] = kb, vb

@@ -12,7 +12,10 @@ A memory folder holds two files:
                              their encoded form (see cold_store.py)
                            the block-text embeddings of each row (float32 [n, dim])
 
-"Hot" positions are the sinks and the tail a ``TieredMemoryLayer`` keeps in RAM; for an
+This module is storage only: it writes and reads a ``BlockStore`` given the model's fingerprint (a
+dict the caller computes; ``ctxmem.hf.persist`` does, for a wrapped model, and checks it on load).
+
+"Hot" positions are the sinks and the tail a ``TieredStoreLayer`` keeps in RAM; for an
 all-in-RAM layer they are every position. Writes are atomic: the data file under a fresh name,
 then the manifest (temp file + fsync + rename), then old data files are removed. A kill at any
 moment leaves the old memory or the new one. No absolute paths are stored, so a folder can be
@@ -20,7 +23,6 @@ moved or copied to another machine.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 import zlib
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_open, atomic_write_bytes, fsync_dir
-from .block_store import MemoryCache
+from .store import BlockStore
 
 FORMAT = "ctxmem-memory"
 VERSION = 1
@@ -50,20 +52,6 @@ class MemoryFormatError(ValueError):
 
 class MemoryMismatchError(ValueError):
     """The memory was made by a different model, or with a block layout this config does not share."""
-
-
-# -- what must match --------------------------------------------------------------------------
-def model_fingerprint(model) -> dict:
-    """Shapes plus a digest of the embedding matrix and the last layer's key projection: two
-    checkpoints of one architecture differ here, so a fine-tuned model cannot read another's memory."""
-    mc = model.config
-    h = hashlib.sha256()
-    for w in (model.get_input_embeddings().weight, model.model.layers[-1].self_attn.k_proj.weight):
-        h.update(w.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False).data)
-    return {"model_type": mc.model_type, "num_layers": int(mc.num_hidden_layers),
-            "kv_heads": int(mc.num_key_value_heads), "head_dim": int(getattr(mc, "head_dim", None) or
-                                                                    mc.hidden_size // mc.num_attention_heads),
-            "vocab_size": int(mc.vocab_size), "weights_sha256": h.hexdigest()}
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -95,25 +83,12 @@ class _Writer:
         self.offset += mv.nbytes
 
 
-def _row_export(layer, b: int):
-    """(hot_k, hot_v, spilled) for one row of either layer kind."""
-    L = int(layer.lengths[b])
-    if not hasattr(layer, "spilled"):
-        return layer.k[b, :, :L], layer.v[b, :, :L], 0
-    h = layer.hot_len(b)
-    return layer.k[b, :, :h], layer.v[b, :, :h], int(layer.spilled[b])
-
-
-def save_memory(model, path: str | os.PathLike, memory: MemoryCache | None = None, *, meta: dict | None = None) -> Path:
-    """Write ``memory`` (default: the last memory the wrapped ``model`` read) to folder ``path``.
+def save_store(memory: BlockStore, path: str | os.PathLike, fingerprint: dict, *, meta: dict | None = None) -> Path:
+    """Write ``memory`` to folder ``path``, recording ``fingerprint`` (what a reader must match).
 
     ``meta``: small msgpack-able facts to keep beside it (``ctxmem ask`` stores its source's hash).
     """
-    state = getattr(model, "_ctxmem", None)
-    if state is None:
-        raise ValueError("ctxmem.save_memory: the model is not wrapped (ctxmem.wrap(model) first)")
-    memory = memory if memory is not None else state.last_memory
-    if memory is None or not memory.token_ids or not memory.layers[0].is_initialized:
+    if not memory.token_ids or not memory.layers[0].is_initialized:
         raise ValueError("ctxmem.save_memory: nothing to save (the model has not read anything yet)")
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -132,7 +107,7 @@ def save_memory(model, path: str | os.PathLike, memory: MemoryCache | None = Non
         rows = []
         for li, layer in enumerate(layers):
             for b in range(B):
-                hk, hv, spilled = _row_export(layer, b)
+                hk, hv, spilled = layer.export_row(b)
                 nblocks = max(0, (int(layer.lengths[b]) - memory.cfg.sink_tokens) // memory.cfg.block_size)
                 w.put(_np(hk))
                 w.put(_np(hv))
@@ -151,7 +126,7 @@ def save_memory(model, path: str | os.PathLike, memory: MemoryCache | None = Non
         segments = w.segments
     body = {
         "format": FORMAT, "version": VERSION, "byte_order": "little",
-        "model": model_fingerprint(model),
+        "model": fingerprint,
         "layout": {k: getattr(memory.cfg, k) for k in LAYOUT_FIELDS},
         "config": memory.cfg.to_dict(),
         "dtype": _dtype_name(l0.k.dtype), "reps_dtype": _dtype_name(l0.reps.dtype),
@@ -257,7 +232,7 @@ def _check_body(mpath, body: dict) -> None:
     need(len(want) == len(segs) and all(w == s[1] for w, s in zip(want, segs)), "segment sizes")
 
 
-class _Reader:
+class _SegmentReader:
     def __init__(self, path: Path, segments: list, nbytes: int):
         self.path, self.segments, self.i = path, segments, 0
         try:
@@ -290,84 +265,40 @@ class _Reader:
         self.f.close()
 
 
-def load_memory(model, path: str | os.PathLike) -> MemoryCache:
-    """Read a memory folder into a fresh ``MemoryCache`` for the wrapped ``model``.
+def load_store(memory: BlockStore, path: str | os.PathLike, fingerprint: dict) -> BlockStore:
+    """Read folder ``path`` into ``memory`` (a fresh store); returns it.
 
-    Pass it to ``generate(all_ids, cache=memory)`` with the saved tokens followed by new
-    ones. The model must be the one that made the memory, and its ``MemoryConfig`` must share the
-    block layout (``LAYOUT_FIELDS``); topk, selector, backend and the RAM budget may differ.
+    The folder must have been saved with the same ``fingerprint`` (the same model) and a config sharing
+    ``memory.cfg``'s block layout (``LAYOUT_FIELDS``); topk, selector, backend and the RAM budget may differ.
     """
-    from ..hf.wrap import new_cache
-
-    state = getattr(model, "_ctxmem", None)
-    if state is None:
-        raise ValueError("ctxmem.load_memory: the model is not wrapped (ctxmem.wrap(model) first)")
     path = Path(path)
     body = read_manifest(path)
-    mine = model_fingerprint(model)
-    diff = [k for k in mine if body["model"].get(k) != mine[k]]
+    diff = [k for k in fingerprint if body["model"].get(k) != fingerprint[k]]
     if diff:
         raise MemoryMismatchError(f"ctxmem.load_memory: {path} was made by a different model "
                                   f"(differs in {', '.join(diff)})")
-    cfg = state.cfg
+    cfg = memory.cfg
     bad = [f"{k}={body['layout'][k]} (this config: {getattr(cfg, k)})" for k in LAYOUT_FIELDS
            if body["layout"][k] != getattr(cfg, k)]
     if bad:
         raise MemoryMismatchError(f"ctxmem.load_memory: {path} was made with another block layout: {'; '.join(bad)}")
-    memory = new_cache(model)
     rows = body["rows"]
     B, H, D, R = len(rows), body["kv_heads"], body["head_dim"], body["reps_per_block"]
-    S, sink = cfg.block_size, cfg.sink_tokens
     dtype = _DTYPES[body["dtype"]][0]
-    reader = _Reader(path / body["data"]["name"], body["segments"], body["data"]["bytes"])
+    reader = _SegmentReader(path / body["data"]["name"], body["segments"], body["data"]["bytes"])
     try:
         memory.token_ids = [np.frombuffer(reader.next(), dtype="<i4").tolist() for _ in range(B)]
         if [len(t) for t in memory.token_ids] != [r["length"] for r in rows]:
             raise MemoryFormatError(reader.path, "token counts disagree with the manifest")
-        src_cold = None
-        if body["cold_dtype"] is not None:
-            from .cold_store import decode_block
-            src_cold = body["cold_dtype"]
         for li, layer in enumerate(memory.layers):
-            probe = torch.zeros(B, H, 1, D, dtype=dtype)
-            layer.lazy_initialization(probe, probe)
-            tiered = hasattr(layer, "spilled")
-            maxlen = max(r["length"] for r in rows)
-            maxblocks = max(r["blocks"] for r in rows)
-            if tiered:
-                layer._grow_hot(max(r["hot"] for r in rows) + 1)
-                layer._grow_reps(maxblocks)
-            else:
-                layer._grow(maxlen + 1)
+            layer.prepare_import(B, H, D, dtype, rows)
             for b, r in enumerate(rows):
                 hk = reader.tensor(body["dtype"], (H, r["hot"], D))
                 hv = reader.tensor(body["dtype"], (H, r["hot"], D))
                 reps = reader.tensor(body["reps_dtype"], (H, r["blocks"], R, D))
-                layer.reps[b, :, : r["blocks"]] = reps.to(layer.reps.dtype)
-                layer.lengths[b] = r["length"]
-                sp = r["spilled"]
-                if tiered:
-                    layer.k[b, :, : r["hot"]] = hk
-                    layer.v[b, :, : r["hot"]] = hv
-                    layer.spilled[b] = sp
-                else:  # hot = sinks + tail; the cold blocks go between them
-                    s0 = min(sink, r["length"])
-                    layer.k[b, :, :s0], layer.v[b, :, :s0] = hk[:, :s0], hv[:, :s0]
-                    t0 = sink + sp * S
-                    layer.k[b, :, t0:r["length"]] = hk[:, s0:]
-                    layer.v[b, :, t0:r["length"]] = hv[:, s0:]
-                for j in range(sp):
-                    data = bytes(reader.next())
-                    if tiered and memory.cold.cold_dtype == src_cold:
-                        memory.cold.put_encoded((li, b, j), data)
-                        continue
-                    kb, vb = decode_block(data, src_cold, H, S, D, dtype)
-                    if tiered:
-                        memory.cold.put((li, b, j), kb, vb)
-                    else:
-                        p = sink + j * S
-                        layer.k[b, :, p:p + S], layer.v[b, :, p:p + S] = kb, vb
-                # (a memory saved all-in-RAM and loaded tiered spills its middle at the next update)
+                layer.import_row(b, r, hk, hv, reps)
+                for j in range(r["spilled"]):
+                    layer.import_cold_block((li, b, j), bytes(reader.next()), body["cold_dtype"])
         for b, d in enumerate(body["embeddings"]):
             if d != 0:
                 e = reader.tensor("float32", tuple(d))
@@ -379,5 +310,4 @@ def load_memory(model, path: str | os.PathLike) -> MemoryCache:
     memory.seen = body["seen"]
     memory.hidden_prefix = body["hidden_prefix"]
     memory.n_new = torch.zeros(B, dtype=torch.long)
-    state.last_memory = memory
     return memory

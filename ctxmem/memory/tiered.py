@@ -1,6 +1,6 @@
 """Bounded-RAM working memory: the live tail in RAM, retrieved blocks from the cold store.
 
-``TieredMemoryLayer`` replaces ``BlockMemoryLayer`` when ``MemoryConfig.ram_budget`` is set.
+``TieredStoreLayer`` replaces ``BlockStoreLayer`` when ``MemoryConfig.ram_budget`` is set.
 Per row it keeps in RAM only the sinks and the *tail*: positions from the first block that can
 still fall in a query's local window up to the newest token (at most local + 2 blocks + one
 chunk). A block leaves the tail for the ``ColdBlockStore`` the moment it becomes a middle block
@@ -22,7 +22,7 @@ import torch
 
 from ..ops import OpParams, block_scores_ref, row_layout, select_topk
 from ..ops.rope import rerotate_blocks_
-from .block_store import BlockMemoryLayer, grown
+from .block_store import BlockStoreLayer, grown
 
 
 def block_scores_half(qbar: torch.Tensor, reps: torch.Tensor, scaling: float, bias: torch.Tensor | None):
@@ -43,7 +43,7 @@ def block_scores_half(qbar: torch.Tensor, reps: torch.Tensor, scaling: float, bi
     return s
 
 
-class TieredMemoryLayer(BlockMemoryLayer):
+class TieredStoreLayer(BlockStoreLayer):
     def __init__(self, owner, layer_idx: int):
         super().__init__(owner)
         self.layer_idx = layer_idx
@@ -71,14 +71,14 @@ class TieredMemoryLayer(BlockMemoryLayer):
         cfg = self.owner.cfg
         return pos if pos < cfg.sink_tokens else pos - int(self.spilled[b]) * cfg.block_size
 
-    def _grow_hot(self, need: int) -> None:
+    def reserve_hot(self, need: int) -> None:
         cap = self.k.shape[2]
         if need <= cap:
             return
         new_cap = max(need, 2 * cap, 256)
         self.k, self.v = grown(self.k, 2, new_cap), grown(self.v, 2, new_cap)
 
-    def _grow_reps(self, nblocks: int) -> None:
+    def reserve_reps(self, nblocks: int) -> None:
         have = self.reps.shape[2]
         if nblocks <= have:
             return
@@ -100,7 +100,37 @@ class TieredMemoryLayer(BlockMemoryLayer):
             x[b, :, sink:sink + rest] = x[b, :, sink + m:sink + m + rest].clone()
         self.spilled[b] = nmid
 
-    # -- the Cache layer interface -------------------------------------------------------------
+    # -- rows in and out (save / load) -----------------------------------------------------------
+    def export_row(self, b: int):
+        h = self.hot_len(b)
+        return self.k[b, :, :h], self.v[b, :, :h], int(self.spilled[b])
+
+    def prepare_import(self, batch: int, heads: int, head_dim: int, dtype, rows: list[dict]) -> None:
+        probe = torch.zeros(batch, heads, 1, head_dim, dtype=dtype)
+        self.lazy_initialization(probe, probe)
+        self.reserve_hot(max(r["hot"] for r in rows) + 1)
+        self.reserve_reps(max(r["blocks"] for r in rows))
+
+    def import_row(self, b: int, row: dict, hot_k, hot_v, reps) -> None:
+        self.reps[b, :, : row["blocks"]] = reps.to(self.reps.dtype)
+        self.lengths[b] = row["length"]
+        self.k[b, :, : row["hot"]] = hot_k
+        self.v[b, :, : row["hot"]] = hot_v
+        self.spilled[b] = row["spilled"]
+        # (a memory saved all-in-RAM and loaded tiered spills its middle at the next update)
+
+    def import_cold_block(self, key, data: bytes, src_cold: str) -> None:
+        cold = self.owner.cold
+        if cold.cold_dtype == src_cold:  # same encoding: the bytes go in as they are
+            cold.put_encoded(key, data)
+            return
+        from .cold_store import decode_block
+
+        H, _, D = self.k.shape[1:]
+        kb, vb = decode_block(data, src_cold, H, self.owner.cfg.block_size, D, self.k.dtype)
+        cold.put(key, kb, vb)
+
+    # -- appending a chunk ------------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -115,14 +145,14 @@ class TieredMemoryLayer(BlockMemoryLayer):
             self.spill(b)
             L, h = int(self.lengths[b]), self.hot_len(b)
             j0 = max(0, (L - sink) // S)
-            self._grow_hot(h + n)
+            self.reserve_hot(h + n)
             self.k[b, :, h:h + n] = key_states[b, :, C - n:]
             self.v[b, :, h:h + n] = value_states[b, :, C - n:]
             L += n
             self.lengths[b] = L
             done = max(0, (L - sink) // S)
             if done > j0:
-                self._grow_reps(done)
+                self.reserve_reps(done)
                 s0 = self.hot_slot(b, sink + j0 * S)
                 blk = self.k[b, :, s0:s0 + (done - j0) * S]
                 H, _, D = blk.shape
@@ -139,7 +169,7 @@ class TieredMemoryLayer(BlockMemoryLayer):
         B, Hq, C, D = query.shape
         H, S = self.k.shape[1], params.block_size
         G = Hq // H
-        cold, inv_freq = self.owner.cold, self.owner.inv_freq.to(query.device)
+        cold, inv_freq = self.owner.cold, self.owner.inv_freq_on(query.device)
         rows = []
         for b in range(B):
             n, L = int(n_new[b]), int(self.lengths[b])

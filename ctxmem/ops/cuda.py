@@ -254,4 +254,18 @@ def _unsupported(q: torch.Tensor) -> str | None:
     return None
 
 
-register_backend("cuda", retrieval_attention_cuda, _unsupported)
+def _reasons(call) -> list[str]:
+    """Every reason the CUDA backend cannot run this call (the dispatcher's view)."""
+    first = _unsupported(call.q)
+    if first is not None:
+        return [first]
+    why = []
+    if any(t.dtype != call.q.dtype for t in (call.k, call.v, call.reps)):
+        why.append(f"q, k, v and reps must share one dtype (got {call.q.dtype}, {call.k.dtype}, {call.v.dtype}, "
+                   f"{call.reps.dtype}); a converted copy of the whole store would be needed")
+    if call.q.shape[2] == 1 and _fallback_allowed and load_extension() is None:
+        why.append("the extension is not built (CTXMEM_CUDA_FALLBACK is set)")
+    return why
+
+
+register_backend("cuda", retrieval_attention_cuda, _reasons, prefill="batched", fallback_ok=lambda: _fallback_allowed)

@@ -123,7 +123,8 @@ def train(model, reader: Reader, make_example: Callable[[int], Example], out_dir
     Resumes from ``out_dir`` when it holds a run made with the same settings, task and reader config."""
     from safetensors.torch import load, save
 
-    from ..hf.wrap import chunk_size, new_cache
+    from ..hf.forward import chunk_size
+    from ..hf.state import new_cache
 
     if getattr(model, "_ctxmem", None) is None or model._ctxmem.reader is not reader:
         raise ReaderError("reader.train: wrap the model with reader=<this reader> first")
