@@ -276,6 +276,7 @@ def main(argv=None):
     p.add_argument("--out", default="realqa")
     p.add_argument("--list", action="store_true", help="print the generated questions, run nothing")
     p.add_argument("--replot", action="store_true", help="redraw the plot and table from --out's JSON")
+    p.add_argument("--allow-partial", action="store_true", help="with --merge: accept runs stopped part way")
     p.add_argument("--merge", default=None, metavar="RUN,RUN", help="write --out as these finished runs together "
                    "(runs side by side: wall time = the longest), run nothing")
     args = p.parse_args(argv)
@@ -291,8 +292,8 @@ def main(argv=None):
         names = args.merge.split(",")
         loaded = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
         for n, r in zip(names, loaded):
-            if r.get("partial"):
-                p.error(f"{n} is a partial run")
+            if r.get("partial") and not args.allow_partial:
+                p.error(f"{n} is a partial run (stopped before every method ran; --allow-partial merges what it has)")
             for key in ("config", "rag", "split", "stock_window", "model"):
                 if r.get(key) != loaded[0].get(key):
                     p.error(f"{names[0]} and {n} differ in {key!r}")
@@ -300,9 +301,13 @@ def main(argv=None):
         keys = [(r["method"], r["kind"], r["qtype"], r["length"], r["index"]) for r in rows]
         if len(set(keys)) != len(keys):
             p.error("a (method, kind, question type, length, index) is in more than one run")
-        result = dict(loaded[0], command=f"python -m benchmarks.realqa --merge {args.merge} --out {args.out}",
+        result = dict(loaded[0], command=f"python -m benchmarks.realqa --merge {args.merge} --out {args.out}"
+                      + (" --allow-partial" if args.allow_partial else ""),
+                      partial=any(r.get("partial") for r in loaded),
                       merged_from=[dict(name=n, command=r["command"], machine=r["machine"], code=r.get("code"),
-                                        wall_seconds=r["wall_seconds"]) for n, r in zip(names, loaded)],
+                                        wall_seconds=r["wall_seconds"], partial=r.get("partial"),
+                                        methods=sorted({x["method"] for x in r["rows"]}))
+                                   for n, r in zip(names, loaded)],
                       wall_seconds=max(r["wall_seconds"] for r in loaded),
                       samples=[x for r in loaded for x in r["samples"]],
                       not_generated=[x for r in loaded for x in r["not_generated"]],
