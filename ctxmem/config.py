@@ -125,7 +125,7 @@ class MemoryConfig:
              f"{name} must be None or a {'positive' if name == 'gpu_prefill_chunk' else 'non-negative'} integer, "
              f"got {val!r}")
         # the bounded-RAM tier spills blocks by one fixed local window; two windows are not wired there yet
-        need(self.ram_budget is None or self.body_local == self.local_tokens,
+        need(self.ram_budget is None or self.prefill_local_tokens == self.local_tokens,
              "prefill_local (a body window other than local_tokens) does not work with ram_budget yet")
         if self.embed_margin is not None:
             m = self.embed_margin
@@ -148,19 +148,20 @@ class MemoryConfig:
     def ram_budget_bytes(self) -> int | None:
         return None if self.ram_budget is None else parse_bytes(self.ram_budget)
 
+    # what a prefill (body) chunk uses: the prefill_* field, or the question's value when it is None
     @property
-    def body_topk(self) -> int:
+    def prefill_topk_blocks(self) -> int:
         return self.topk_blocks if self.prefill_topk is None else self.prefill_topk
 
     @property
-    def body_local(self) -> int:
+    def prefill_local_tokens(self) -> int:
         return self.local_tokens if self.prefill_local is None else self.prefill_local
 
     def span(self, chunk: int | None = None) -> int:
         """Largest query-key distance (in positions) ctxmem can present to the model, reading in
         chunks of ``chunk`` tokens (default ``prefill_chunk``)."""
         reach = max(self.topk_blocks * self.block_size + self.local_tokens,  # question and decode steps
-                    self.body_topk * self.block_size + self.body_local)  # body chunks
+                    self.prefill_topk_blocks * self.block_size + self.prefill_local_tokens)  # body chunks
         return self.sink_tokens + reach + self.block_size + (self.prefill_chunk if chunk is None else chunk)
 
     def chunk_for(self, device_type: str, window: int | None = None) -> int:

@@ -112,8 +112,8 @@ class BlockStore:
             n = int(self.n_new[b])
             if n:
                 self.token_ids[b].extend(ids[b, C - n:].tolist() if ids is not None else [-1] * n)
-        self.topk = self.cfg.topk_blocks if question else self.cfg.body_topk
-        self.local = self.cfg.local_tokens if question else self.cfg.body_local
+        self.topk = self.cfg.topk_blocks if question else self.cfg.prefill_topk_blocks
+        self.local = self.cfg.local_tokens if question else self.cfg.prefill_local_tokens
         self.bias = None
         self._on_device = {k: v for k, v in self._on_device.items() if k[0] != "bias"}
         if question and self.text_index is not None and self.topk > 0:
