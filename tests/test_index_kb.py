@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from ctxmem.index import (BadInputError, EmbedderMismatchError, HashingEmbedder, IndexCorruptError,
                           IndexVersionError, KnowledgeIndex, read_source_text)
 from ctxmem.index import ann
-from ctxmem.index.manifest import MANIFEST, VERSION, pack
+from ctxmem._envelope import pack
+from ctxmem.index.manifest import MANIFEST, VERSION
 from ctxmem.index.testing import WORDS, chunk_set, write_corpus
 
 EMB = "hash:64"

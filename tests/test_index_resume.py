@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ctxmem.index.builder as builder_mod
-import ctxmem.index.manifest as manifest_mod
+import ctxmem._envelope as envelope_mod
 from ctxmem.index import IndexCorruptError, IndexIncompleteError, KnowledgeIndex, verify_kb
 from ctxmem.index.manifest import MANIFEST, read_manifest
 from ctxmem.index.testing import chunk_list, write_corpus
@@ -55,7 +55,7 @@ def _inject(monkeypatch, crash_at):
         real(path, data)
 
     monkeypatch.setattr(builder_mod, "atomic_write_bytes", writer)
-    monkeypatch.setattr(manifest_mod, "atomic_write_bytes", writer)
+    monkeypatch.setattr(envelope_mod, "atomic_write_bytes", writer)  # the manifest commit
     return calls
 
 

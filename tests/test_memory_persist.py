@@ -283,3 +283,24 @@ def _try_load_with(model, folder):
         return load_memory(model, folder)
     finally:
         ctxmem.unwrap(model)
+
+
+def test_version_1_manifest_still_loads(saved, tmp_path):
+    """Folders saved before the shared envelope ({"crc32", "body"}, body version 1) still load."""
+    import msgpack
+    import zlib
+
+    from ctxmem._envelope import read_outer
+
+    model, folder, _ = saved
+    work = tmp_path / "m"
+    shutil.copytree(folder, work)
+    outer = read_outer(work / MANIFEST)
+    assert outer["format"] == "ctxmem-memory" and outer["version"] == 2  # what this ctxmem writes
+    body = read_manifest(work)
+    body["version"] = 1
+    raw = msgpack.packb(body, use_bin_type=True)
+    (work / MANIFEST).write_bytes(msgpack.packb({"crc32": zlib.crc32(raw), "body": raw}, use_bin_type=True))
+    a, b = _try_load(model, folder), _try_load(model, work)
+    assert a.token_ids == b.token_ids
+    assert all(torch.equal(x.k, y.k) for x, y in zip(a.layers, b.layers))

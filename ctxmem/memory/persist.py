@@ -2,7 +2,8 @@
 
 A memory folder holds two files:
 
-    manifest.msgpack     {"crc32": c, "body": msgpack(bytes)}; the body says what was saved
+    manifest.msgpack     the envelope every ctxmem manifest shares (``ctxmem/_envelope.py``:
+                         format, version, sha256 of the body, msgpack body); the body says what was saved
                          (format, version, model fingerprint, layout, rows, dtypes) and lists the
                          data file's segments with their byte lengths and crc32s
     data-<id>.bin        the segments, little-endian, in this order:
@@ -28,15 +29,15 @@ import uuid
 import zlib
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import torch
 
-from .._atomic import atomic_open, atomic_write_bytes, fsync_dir
+from .._atomic import atomic_open, fsync_dir
+from .._envelope import EnvelopeError, read_envelope, read_outer, unpack_body, write_envelope
 from .store import BlockStore
 
 FORMAT = "ctxmem-memory"
-VERSION = 1
+VERSION = 2  # 2: the shared envelope (sha256); 1 (crc32 envelope, same body) is still read
 MANIFEST = "manifest.msgpack"
 LAYOUT_FIELDS = ("block_size", "sink_tokens", "local_tokens", "reps_per_block")
 _DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2"), "bfloat16": (torch.bfloat16, "<i2")}
@@ -136,8 +137,7 @@ def save_store(memory: BlockStore, path: str | os.PathLike, fingerprint: dict, *
         "rows": rows, "embeddings": dims,
         "data": {"name": data_name, "bytes": w.offset}, "segments": segments, "meta": meta or {},
     }
-    raw = msgpack.packb(body, use_bin_type=True)
-    atomic_write_bytes(path / MANIFEST, msgpack.packb({"crc32": zlib.crc32(raw), "body": raw}, use_bin_type=True))
+    write_envelope(path / MANIFEST, FORMAT, VERSION, body)
     for old in path.glob("data-*.bin"):  # the manifest now points at the new data: the old can go
         if old.name != data_name:
             old.unlink(missing_ok=True)
@@ -150,27 +150,25 @@ def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest's body, validated; raises ``MemoryFormatError`` naming the file otherwise."""
     mpath = Path(path) / MANIFEST
     try:
-        data = mpath.read_bytes()
-    except FileNotFoundError:
-        raise MemoryFormatError(mpath, "no memory here (manifest missing)") from None
-    except OSError as e:
-        raise MemoryFormatError(mpath, f"cannot read ({e.strerror or e})") from None
-    try:
-        outer = msgpack.unpackb(data, raw=False)
-    except Exception as e:  # msgpack raises several types on garbage
-        raise MemoryFormatError(mpath, f"not a msgpack manifest ({type(e).__name__})") from None
-    if not isinstance(outer, dict) or not isinstance(outer.get("body"), bytes) or not isinstance(outer.get("crc32"), int):
+        outer = read_outer(mpath)
+        if "crc32" in outer and "format" not in outer:  # version 1: {"crc32", "body"}, format inside
+            raw = outer.get("body")
+            if not isinstance(raw, bytes) or not isinstance(outer["crc32"], int):
+                raise EnvelopeError("format", "not a ctxmem memory manifest")
+            if zlib.crc32(raw) != outer["crc32"]:
+                raise EnvelopeError("checksum", "checksum mismatch (the manifest is corrupt)")
+            body = unpack_body(raw)
+            version = body.get("version")
+        else:
+            version, body = read_envelope(mpath, FORMAT, outer)
+    except EnvelopeError as e:
+        msg = {"missing": "no memory here (manifest missing)",
+               "format": "not a ctxmem memory manifest"}.get(e.kind, str(e))
+        raise MemoryFormatError(mpath, msg) from None
+    if body.get("format") != FORMAT:
         raise MemoryFormatError(mpath, "not a ctxmem memory manifest")
-    if zlib.crc32(outer["body"]) != outer["crc32"]:
-        raise MemoryFormatError(mpath, "checksum mismatch (the manifest is corrupt)")
-    try:
-        body = msgpack.unpackb(outer["body"], raw=False)
-    except Exception as e:
-        raise MemoryFormatError(mpath, f"corrupt manifest body ({type(e).__name__})") from None
-    if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise MemoryFormatError(mpath, "not a ctxmem memory manifest")
-    if body.get("version") != VERSION:
-        raise MemoryFormatError(mpath, f"memory format version {body.get('version')!r}; this ctxmem reads {VERSION}")
+    if version not in (1, VERSION) or body.get("version") != version:
+        raise MemoryFormatError(mpath, f"memory format version {body.get('version')!r}; this ctxmem reads 1 and {VERSION}")
     _check_body(mpath, body)
     return body
 
