@@ -11,6 +11,9 @@ import time
 # machine spinning threads steal the cores the busy ones need (measured ~10x slower reads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from ._cli import HANDLED, error_line, fail, handled, interrupted, resolve_device  # noqa: E402
+from .index.errors import KnowledgeIndexError  # noqa: E402
+
 
 def _parse_overrides(pairs: list[str]) -> dict:
     from .config import MemoryConfig
@@ -34,14 +37,14 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+@handled("ctxmem ask", (KnowledgeIndexError, *HANDLED), hint="")
 def cmd_ask(args) -> int:
-    import torch
+    from pathlib import Path
 
-    from . import MemoryConfig, load_model, wrap
     from .reading import build_prompt, read_text_file
 
-    torch.set_grad_enabled(False)
     t0 = time.perf_counter()
+    # the inputs are checked before torch and the model load, so a mistake is named at once
     context = read_text_file(args.context) if args.context else ""
     if not context and not args.knowledge and not args.memory:
         raise ValueError("give --context FILE, --memory PATH and/or --knowledge KB")
@@ -55,7 +58,15 @@ def cmd_ask(args) -> int:
         if args.memory:
             raise ValueError("--compressor cannot be combined with --memory yet (a saved memory holds no "
                              "knowledge prefix); drop one of them")
-    model, tok = load_model(args.model)
+    if args.memory and not context and not Path(args.memory).exists():
+        raise ValueError(f"no memory at {args.memory}; give --context FILE to read one and save it there")
+    import torch
+
+    from . import MemoryConfig, load_model, wrap
+
+    torch.set_grad_enabled(False)
+    device = resolve_device(args.device)
+    model, tok = load_model(args.model, device=device)
     knowledge_text = None
     kb = None
     if args.knowledge:
@@ -81,7 +92,7 @@ def cmd_ask(args) -> int:
     knowledge_report = None
     if args.memory:
         ids, memory, memory_report = _memory_for(args, model, tok, context, knowledge_text)
-        out = model.generate(torch.tensor([ids]), cache=memory, **gen)
+        out = model.generate(torch.tensor([ids], device=device), cache=memory, **gen)
     elif args.compressor:
         from .hf import read_knowledge
 
@@ -90,16 +101,17 @@ def cmd_ask(args) -> int:
         knowledge_report = {"summary_positions": memory.hidden_prefix[0], "budget_positions": args.knowledge_budget,
                             "compressor": getattr(model._ctxmem.compressor, "source", None)}
         ids = build_prompt(tok, context, args.question, None)
-        out = model.generate(torch.tensor([ids]), cache=memory, **gen)
+        out = model.generate(torch.tensor([ids], device=device), cache=memory, **gen)
     else:
         ids = build_prompt(tok, context, args.question, knowledge_text)
-        out = model.generate(torch.tensor([ids]), **gen)
+        out = model.generate(torch.tensor([ids], device=device), **gen)
     t_answer = time.perf_counter() - t1
     answer = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
     peak = _peak_rss_mb()
     report = {"answer": answer, "context_tokens": len(ids), "seconds_answer": round(t_answer, 2),
               "seconds_load": round(t_load, 2), "tokens_per_second_read": round(len(ids) / t_answer, 1),
-              "peak_rss_mb": round(peak), "mode": "stock" if args.stock else "ctxmem"}
+              "peak_rss_mb": round(peak), "mode": "stock" if args.stock else "ctxmem",
+              "device": device}
     state = getattr(model, "_ctxmem", None)
     if state is not None:
         report["reader"] = getattr(state.reader, "source", None)  # the adapter used for the answer, if any
@@ -155,7 +167,7 @@ def _memory_for(args, model, tok, context: str, knowledge_text: str | None):
         action = "loaded"
     elif context:
         prefix, suffix = build_prompt_parts(tok, context, args.question, knowledge_text)
-        memory = read_memory(model, torch.tensor([prefix]))
+        memory = read_memory(model, torch.tensor([prefix], device=next(model.parameters()).device))
         save_memory(model, path, memory, meta={"source_sha256": digest, "source_name": Path(args.context).name})
         action = "read and saved"
     else:
@@ -192,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep at most SIZE (e.g. 1GB) of KV blocks in RAM; colder blocks go to disk")
     ask.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a MemoryConfig field")
     ask.add_argument("--stock", action="store_true", help="run the unwrapped model (for comparison)")
+    ask.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="where the model runs (default auto: cuda when torch sees a GPU, else cpu)")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.set_defaults(func=cmd_ask)
 
@@ -211,15 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 ok, 1 a handled error (one line on stderr; with --json one JSON object
+    ``{"ok": false, "error", "kind"}`` on stdout), 2 bad usage (argparse), 130 Ctrl-C."""
     args = build_parser().parse_args(argv)
+    prefix = f"ctxmem {args.command}"
+    as_json = getattr(args, "json", False)
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # `ctxmem ... | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"ctxmem {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:  # outside a handler (e.g. while importing): still no traceback
+        return interrupted(prefix, as_json)
+    except (KnowledgeIndexError, *HANDLED) as e:  # a handler without its own net
+        return fail(prefix, error_line(e), as_json, kind=type(e).__name__)
 
 
 if __name__ == "__main__":

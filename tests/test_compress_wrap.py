@@ -235,7 +235,7 @@ def test_read_knowledge_with_a_chosen_query_then_generate(tok, kb):
 def test_cli_ask_compressor_needs_knowledge(capsys):
     from ctxmem.cli import main
 
-    assert main(["ask", "q", "--context", __file__, "--compressor", "smollm2-r8"]) == 2
+    assert main(["ask", "q", "--context", __file__, "--compressor", "smollm2-r8"]) == 1
     assert "--knowledge" in capsys.readouterr().err
 
 

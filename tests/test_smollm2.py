@@ -89,9 +89,9 @@ def test_cli_ask_json(tmp_path, capsys):
 def test_cli_ask_bad_context(tmp_path, capsys, content, msg):
     doc = tmp_path / "doc.bin"
     doc.write_bytes(content)
-    assert cli_main(["ask", "--context", str(doc), "q"]) == 2
+    assert cli_main(["ask", "--context", str(doc), "q"]) == 1  # a handled error
     assert msg in capsys.readouterr().err
-    assert cli_main(["ask", "--context", str(tmp_path / "missing.txt"), "q"]) == 2
+    assert cli_main(["ask", "--context", str(tmp_path / "missing.txt"), "q"]) == 1
     assert "cannot read" in capsys.readouterr().err
 
 
@@ -126,7 +126,7 @@ def test_cli_ask_memory_reads_once_then_loads(tmp_path, capsys):
     assert cli_main(args + ["--context", str(doc)]) == 0  # the document changed: read again
     third = json.loads(capsys.readouterr().out)
     assert third["memory"]["action"] == "read and saved" and "Biscuit" in third["answer"]
-    assert cli_main(["ask", "q", "--memory", str(tmp_path / "none.mem")]) == 2
+    assert cli_main(["ask", "q", "--memory", str(tmp_path / "none.mem")]) == 1
     assert "no memory at" in capsys.readouterr().err
 
 

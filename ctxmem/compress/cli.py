@@ -4,8 +4,8 @@
     ctxmem compressor eval --ratio 8 --data stdlib-heldout --json          # the bundled smollm2-r8
     ctxmem compressor eval --ratio 8 --checkpoint runs/r8 --json
 
-Handlers return the exit code: 0 ok, 1 on a clear error (one line on stderr, ``{"ok": false, ...}``
-on stdout with --json), 130 when interrupted (a training run keeps its last checkpoint and
+Handlers return the exit code: 0 ok, 1 on a clear error (one line on stderr, ``{"ok": false, "error": ...,
+"kind": ...}`` on stdout with --json), 130 when interrupted (a training run keeps its last checkpoint and
 resumes when the same command is run again).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .._cli import handled
+from .._cli import handled, resolve_device
 
 
 def _handled(cmd: str):
@@ -21,13 +21,7 @@ def _handled(cmd: str):
 
 
 def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device visible to torch")
-    return name
+    return resolve_device(name)
 
 
 def _threads(n: int | None) -> None:

@@ -2,7 +2,8 @@
 
 Wire into a parser with :func:`add_index_parser`; each subcommand's handler (``args.func``)
 returns the exit code: 0 on success, 1 on any error, with a one-line ``ctxmem index CMD:
-error: ...`` message on stderr (no traceback). ``--json`` prints one JSON document on stdout.
+error: ...`` message on stderr (no traceback), 130 on Ctrl-C. ``--json`` prints one JSON document
+on stdout: the result, or ``{"ok": false, "error": ..., "kind": ...}``.
 Standalone: ``python -m ctxmem.index.cli index build SRC... -o KB``.
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ from .errors import KnowledgeIndexError
 _INDEX_CHOICES = ("auto", "flat", "hnsw", "ivfpq")
 
 
-def _fail(cmd: str, msg: str, as_json: bool = False) -> int:
-    return fail(f"ctxmem index {cmd}", msg, as_json)
+def _fail(cmd: str, msg: str, as_json: bool = False, **kw) -> int:
+    return fail(f"ctxmem index {cmd}", msg, as_json, **kw)
 
 
 def _handled(cmd: str):
@@ -85,9 +86,12 @@ def _cmd_add(args) -> int:
                                commit_every=args.commit_every, commit_seconds=args.commit_seconds,
                                max_file_bytes=args.max_file_bytes)
     summary = kb.last_summary
-    _print_summary("updated", summary, args.json)
     if summary["sources_indexed"] == 0 and summary["sources_reused"] == 0 and summary["skipped"]:
-        return _fail("add", "no source could be read", False)
+        if not args.json:  # with --json the error object is the one document on stdout
+            _report_inputs(summary)
+        return _fail("add", "no source could be read", args.json, kind="BadInputError",
+                     skipped=summary["skipped"])
+    _print_summary("updated", summary, args.json)
     return 0
 
 
