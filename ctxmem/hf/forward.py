@@ -42,7 +42,6 @@ def _positions(had: list[int], valid: torch.Tensor) -> torch.Tensor:
     return (torch.tensor(had)[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
 
 
-
 class ChunkedForward:
     """The wrapped model's ``forward``: long inputs read in chunks through a ``MemoryCache``.
 
@@ -58,7 +57,7 @@ class ChunkedForward:
         self.orig_forward = type(model).forward.__get__(model)  # the class's forward, bound: the stock model
 
     def read_chunks(self, cache, input_ids, inputs_embeds, valid, *, question: bool, counted: bool, keep_all: bool,
-             keep: int, kwargs: dict, progress_desc: str | None = None, text_ids: torch.Tensor | None = None):
+                    keep: int, kwargs: dict, progress_desc: str | None = None, text_ids: torch.Tensor | None = None):
         """Feed tokens chunk by chunk through the model into ``cache``; return the kept logits.
 
         ``question``: the last chunk retrieves as a question (full topk, embedder votes).
@@ -85,7 +84,7 @@ class ChunkedForward:
             try:
                 with attention.active_memory(cache):
                     out = self.orig_forward(**inputs, attention_mask=None, position_ids=pos[:, s:e], cache=cache,
-                                       use_cache=True, logits_to_keep=0 if keep_all else (keep if last else 1), **kwargs)
+                                            use_cache=True, logits_to_keep=0 if keep_all else (keep if last else 1), **kwargs)
             finally:
                 cache.pending = 0
                 if self.state.reader is not None:
@@ -120,7 +119,7 @@ class ChunkedForward:
                 ids[b, P - len(r):] = torch.tensor(r)
                 pvalid[b, P - len(r):] = True
         self.read_chunks(cache, ids.to(device), None, pvalid, question=False, counted=False, keep_all=False,
-             keep=1, kwargs=kwargs, progress_desc="ctxmem: reading knowledge")
+                         keep=1, kwargs=kwargs, progress_desc="ctxmem: reading knowledge")
         cache.hidden_prefix = [len(r) for r in rows]
 
     def read_knowledge_summaries(self, cache, queries: list[str], device, kwargs):
@@ -173,7 +172,7 @@ class ChunkedForward:
                 text_ids[b, P - k:] = torch.tensor(r[1])
                 pvalid[b, P - k:] = True
         self.read_chunks(cache, None, x, pvalid, question=False, counted=False, keep_all=False, keep=1,
-             kwargs=kwargs, progress_desc=desc, text_ids=text_ids)
+                         kwargs=kwargs, progress_desc=desc, text_ids=text_ids)
         cache.hidden_prefix = [0 if r is None else r[0].shape[0] for r in rows]
 
     def read_context(self, cache, ids: list[int], keep_recent: int):
@@ -182,7 +181,8 @@ class ChunkedForward:
         return len(far)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
+                 labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
+        """The stock forward's signature; any length. A fresh ``MemoryCache`` unless one is passed."""
         cache = cache if cache is not None else past_key_values
         x = input_ids if input_ids is not None else inputs_embeds
         if x is None:
@@ -227,8 +227,8 @@ class ChunkedForward:
         if not keep_all:
             s, e = _chunk_bounds(L, chunk_size(self.model, self.cfg))[-1]
             keep_all = keep > e - s  # asks for more than the last chunk holds
-        logits = self.read_chunks(cache, input_ids, inputs_embeds, valid, question=True, counted=True, keep_all=keep_all,
-                      keep=0 if keep_all else keep, kwargs=kwargs)
+        logits = self.read_chunks(cache, input_ids, inputs_embeds, valid, question=True, counted=True,
+                                  keep_all=keep_all, keep=0 if keep_all else keep, kwargs=kwargs)
         loss = None
         if labels is not None:
             loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.model.config.vocab_size)
