@@ -1,10 +1,14 @@
 import os
 
-import pytest
-import torch
-
+# Before torch loads OpenMP (as the CLI does): idle worker threads sleep at once instead of spinning,
+# which on a shared or loaded CI machine steals the cores the busy threads need (README, Threads).
+# Subprocesses of the tests inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2,

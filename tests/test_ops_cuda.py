@@ -87,10 +87,13 @@ def test_no_automatic_build_without_a_gpu(monkeypatch):
     assert "not built" in cuda_backend.load_error()
 
 
-def test_sources_hash_and_cache_dir():
+def test_sources_hash_and_cache_dir(monkeypatch, tmp_path):
     assert all(p.is_file() for p in cuda_backend.sources())
     assert len(cuda_backend._source_hash()) == 16
+    monkeypatch.delenv("CTXMEM_CUDA_CACHE", raising=False)  # .ci/run sets it
     assert "ctxmem" in str(cuda_backend.cache_dir())
+    monkeypatch.setenv("CTXMEM_CUDA_CACHE", str(tmp_path))
+    assert cuda_backend.cache_dir() == tmp_path
 
 
 # ---- kernels (GPU + built extension) ---------------------------------------------------------
