@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python -m ctxmem.demo
 
+# --durations: every run (CI's too, cold) shows where its time went
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 # The measurements behind README's tables (long: about 1.5 hours on 2 cores).
 bench: $(STAMP)
