@@ -51,6 +51,8 @@ def handled(prefix: str, errors: tuple[type[BaseException], ...] = HANDLED,
                 return fn(args)
             except KeyboardInterrupt:
                 return interrupted(prefix, as_json, hint)
+            except BrokenPipeError:  # `ctxmem ... | head`: not an error; the caller silences stdout
+                raise
             except errors as e:
                 return fail(prefix, error_line(e), as_json, kind=type(e).__name__)
         return run

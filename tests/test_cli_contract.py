@@ -220,3 +220,25 @@ def test_ctrl_c_during_an_index_add_exits_130_and_the_kb_still_verifies(cold, tm
         assert (report["chunks"], report["sources"]) == (built["chunks"], built["sources"])
     else:
         assert code == 1 and "files intact, but the last add did not finish" in report["error"], err
+
+
+def test_a_closed_pipe_is_left_to_main_and_not_reported_as_an_error(capsys):
+    """``ctxmem ... | head``: BrokenPipeError is an OSError, yet not a handled error (main silences stdout)."""
+    import argparse
+
+    from ctxmem._cli import handled
+
+    @handled("ctxmem x")
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    @handled("ctxmem x")
+    def unreadable(args):
+        raise PermissionError(13, "Permission denied", "/some/file")
+
+    with pytest.raises(BrokenPipeError):
+        closed(argparse.Namespace(json=True))
+    assert capsys.readouterr() == ("", "")
+    assert unreadable(argparse.Namespace(json=True)) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["kind"] == "PermissionError" and err.startswith("ctxmem x: error: ")
