@@ -115,6 +115,8 @@ def cmd_ask(args) -> int:
     state = getattr(model, "_ctxmem", None)
     if state is not None:
         report["reader"] = getattr(state.reader, "source", None)  # the adapter used for the answer, if any
+        # which implementation of the fused op ran (layer calls per backend): cuda, numba, batched or torch
+        report["backends"] = dict(getattr(state.last_memory, "backends_run", None) or {})
     if memory_report:
         report["memory"] = memory_report
     if knowledge_report:
@@ -127,7 +129,8 @@ def cmd_ask(args) -> int:
         if knowledge_report:
             mem += f" · knowledge as {knowledge_report['summary_positions']} summary positions"
         print(f"-- {len(ids):,} context tokens · answered in {t_answer:.1f} s "
-              f"({report['tokens_per_second_read']:,.0f} tok/s) · peak RSS {peak:,.0f} MB · {report['mode']}{mem}",
+              f"({report['tokens_per_second_read']:,.0f} tok/s) · peak RSS {peak:,.0f} MB · {report['mode']}"
+              f"{' (' + ', '.join(report['backends']) + ')' if report.get('backends') else ''}{mem}",
               file=sys.stderr)
     return 0
 

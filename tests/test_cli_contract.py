@@ -89,6 +89,8 @@ def test_ask_json_on_a_cold_cache(cold):
     assert first["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert first["context_tokens"] > first["memory"]["tokens"] > 0
     assert "Marmalade" in first["answer"]
+    # the fused op's backend that ran, per layer call: the numba kernels on a CPU float32 model
+    assert set(first["backends"]) == {"numba"} and first["backends"]["numba"] > 0
 
 
 def test_ask_errors_follow_the_contract(cold):
