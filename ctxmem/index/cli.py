@@ -62,11 +62,26 @@ def _add_source_args(p) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+def _embedder_on(spec: str, device: str, engine: str):
+    """``--device``: the named embedder loaded on that device (auto: the GPU when there is one)."""
+    if device == "auto" or engine != "local" or spec.startswith("hash"):
+        return spec
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device cuda: torch sees no CUDA GPU (torch {torch.__version__})")
+    from ..models import load_embedder
+
+    return load_embedder(spec, device=device)
+
+
 @_handled("build")
 def _cmd_build(args) -> int:
     from .knowledge import KnowledgeIndex
 
-    kb = KnowledgeIndex.build(args.sources, args.out, embedder=args.embedder, index=args.index,
+    embedder = _embedder_on(args.embedder, args.device, args.engine)
+    kb = KnowledgeIndex.build(args.sources, args.out, embedder=embedder, index=args.index,
                               chunk_tokens=args.chunk_tokens, overlap=args.overlap, include=args.include,
                               exclude=args.exclude, progress=not args.no_progress, text_field=args.text_field,
                               batch_size=args.batch_size, commit_every=args.commit_every,
@@ -172,6 +187,9 @@ def add_index_parser(subparsers) -> None:
     b.add_argument("-o", "--out", required=True, metavar="KB", help="the KB folder")
     b.add_argument("--embedder", default="minilm",
                    help="sentence-transformers id or path, 'minilm' (bundled, default) or 'hash:DIM'")
+    b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the embedder runs (default auto: the GPU when there is one); faiss-gpu, when "
+                        "installed (the gpu extra), builds the index on the GPU")
     b.add_argument("--index", default="auto", choices=_INDEX_CHOICES, help="index type (default auto: by size)")
     b.add_argument("--chunk-tokens", type=int, default=128, help="tokens per chunk (default 128)")
     b.add_argument("--overlap", type=int, default=16, help="tokens shared by consecutive chunks (default 16)")
