@@ -101,6 +101,20 @@ def machine() -> dict:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
 
 
+def set_threads(n: int) -> None:
+    """torch threads, and numba's too: the numba decode kernel restores numba's thread count after
+    each step, and with the OpenMP threading layer that count is the one torch reads, so setting
+    torch alone did not hold (observed 2026-12-04: --threads 1 ran 2 torch threads after the first
+    ctxmem answer)."""
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+
+
 def write_json(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

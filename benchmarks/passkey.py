@@ -21,7 +21,7 @@ import torch
 import ctxmem
 from benchmarks.common import (PASSKEY_QUESTION, RAG_CHUNK_TOKENS, RAG_OVERLAP, RAG_TOP_K, RESULTS, Timer, found, machine,
                                parse_variant, passkey_body, passkey_key, passkey_needle, passkey_prompt_from_body,
-                               peak_rss_mb, rag_retrieve, write_json)
+                               peak_rss_mb, rag_retrieve, set_threads, write_json)
 
 
 class TokenClock:
@@ -53,7 +53,7 @@ def run(args):
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     model, tok = ctxmem.load_model("smollm2")
     cfg = ctxmem.MemoryConfig(**args.config)
     lengths = [int(x) for x in args.lengths.split(",")]

@@ -34,7 +34,8 @@ import platform
 import sys
 import time
 
-from benchmarks.common import RAG_CHUNK_TOKENS, RAG_OVERLAP, RAG_TOP_K, RESULTS, cpu_model, machine, rag_retrieve, write_json
+from benchmarks.common import (RAG_CHUNK_TOKENS, RAG_OVERLAP, RAG_TOP_K, RESULTS, cpu_model, machine, rag_retrieve,
+                               set_threads, write_json)
 from benchmarks.tasks import ChatFrame
 from benchmarks.tasks import realqa as rq
 
@@ -85,7 +86,7 @@ def run(args) -> dict:
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     t_start = time.perf_counter()
     code = _code_state()
     model, tok = ctxmem.load_model("smollm2")

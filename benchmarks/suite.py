@@ -224,7 +224,8 @@ class Runner:
         torch.set_grad_enabled(False)
         torch.manual_seed(0)
         if args.threads:
-            torch.set_num_threads(args.threads)
+            from benchmarks.common import set_threads
+            set_threads(args.threads)
         self.log(f"loading {args.model} ...")
         self.model, self.tok = ctxmem.load_model(args.model)
         self.emb = ctxmem.load_embedder("minilm")
