@@ -221,7 +221,7 @@ def test_kernels_under_autograd_run_the_reference(backend):
         for p in reader.parameters().values():
             p.requires_grad_(True)
         ctxmem.wrap(model, small_cfg(backend=be), reader=reader)
-        dispatch._warned_grad.clear()
+        dispatch._warned.clear()
         with warnings.catch_warnings(record=True) as caught, torch.enable_grad():
             warnings.simplefilter("always")
             example_loss(model, ex, new_cache).backward()
