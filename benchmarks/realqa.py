@@ -193,6 +193,7 @@ def summarize(rows: list[dict]) -> dict:
             s["full"] += r["score"] == 1.0
             s["seconds"].append(r["seconds"])
     for s in out.values():
+        s["points"] = round(s["score_sum"], 3)  # a two-passage question with one of its two answers: 0.5
         s["score"] = round(s.pop("score_sum") / s["n"], 4)
         s["seconds"] = round(sum(s["seconds"]) / len(s["seconds"]), 2) if s["seconds"] else None
     return out
@@ -214,7 +215,7 @@ def table(result: dict) -> list[str]:
             cells = []
             for g in groups:
                 s = summ.get(f"{m}/{n}/{g}")
-                cells.append("–" if not s else f"{s['score'] * s['n']:.4g}/{s['n']}")
+                cells.append("–" if not s else f"{s['points']:g}/{s['n']}")
             a = summ.get(f"{m}/{n}/all")
             if a is None:
                 continue
