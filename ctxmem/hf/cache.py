@@ -6,11 +6,26 @@ op over one layer's store, which the registered attention function (``attention.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..memory import BlockStore, BlockStoreLayer, TieredStoreLayer
 from ..ops import retrieval_attention
+
+
+def rope_inv_freq(model) -> torch.Tensor:
+    """The RoPE frequencies of the layers that retrieve (global attention): ``rotary_emb.inv_freq``, or
+    gemma3's ``full_attention_inv_freq`` (its sliding layers rotate with another base, but keep their
+    window exactly and are never re-rotated). ``R/2`` entries for ``R`` rotated dims (partial rotary)."""
+    rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+    for name in ("inv_freq", "full_attention_inv_freq"):
+        inv = getattr(rot, name, None)
+        if isinstance(inv, torch.Tensor):
+            return inv
+    raise ValueError(f"ctxmem: {type(model).__name__} has no .model.rotary_emb.inv_freq (or full_attention_inv_freq); "
+                     "ctxmem re-rotates stored keys and needs the model's RoPE frequencies")
 
 
 class MemoryLayer(BlockStoreLayer, CacheLayerMixin):
@@ -66,11 +81,17 @@ class MemoryCache(BlockStore, Cache):
         raise NotImplementedError("ctxmem working memory does not support beam search yet")
 
     # -- the op ------------------------------------------------------------------------------------
-    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         """Retrieval attention of ``query [B, Hq, C, D]`` over layer ``layer_idx``'s store (its keys for
-        this chunk already appended); returns ``[B, C, Hq, D]`` as transformers' attention functions do."""
+        this chunk already appended); returns ``[B, C, Hq, D]`` as transformers' attention functions do.
+        ``window``: a sliding-window layer (exact window attention, no retrieval); ``softcap``: logit
+        soft-capping (see ``ctxmem.ops.layout``)."""
         layer = self.layers[layer_idx]
         params = self.op_params(scaling)
+        if window is not None or softcap is not None:
+            params = dataclasses.replace(params, window=None if window is None else int(window),
+                                         softcap=None if softcap is None else float(softcap))
         k, v, reps, lengths, bias, blocks = layer.op_inputs(query, params, self.bias_on(query.device))
         out, selected, ran = retrieval_attention(
             query, k, v, reps, lengths, self.n_new, params, self.inv_freq_on(query.device), bias,

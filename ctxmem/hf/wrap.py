@@ -17,35 +17,96 @@ import torch
 
 from ..config import MemoryConfig
 from . import attention
-from .cache import MemoryCache
+from .cache import MemoryCache, rope_inv_freq
 from .forward import SUMMARY_ID, ChunkedForward, chunk_size  # noqa: F401  (SUMMARY_ID: public name)
 from .state import WrapState, new_cache
 
-# Families whose attention modules follow the llama pattern (RoPE'd q/k -> cache.update ->
-# attention interface) and that the test suite checks against stock sdpa.
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
-# RoPE variants that are a pure rotation by position * inv_freq (re-rotation by a delta is exact).
-PURE_ROTATION_ROPE = ("default", "linear", "llama3")
+# Families whose attention modules follow the llama pattern (RoPE'd q/k -> cache.update -> the attention
+# interface, with ``scaling`` / ``sliding_window`` / ``softcap`` passed as keywords) and that the test suite
+# checks against the stock model (tests/test_wrap.py, tests/test_families.py). What each one needed:
+FAMILY_NOTES = {
+    "llama": "the reference family",
+    "mistral": "a sliding_window config makes every layer an exact window layer (no retrieval)",
+    "qwen2": "sliding layers (use_sliding_window, layer_types) keep their window exactly",
+    "qwen3": "q/k RMSNorm before RoPE: keys are stored rotated, re-rotation stays exact; sliding layers as qwen2",
+    "olmo2": "q/k RMSNorm over the whole projection before RoPE: nothing beyond llama",
+    "granite": "attention_multiplier is the module's scaling, used by the op and its block scores",
+    "phi3": "partial rotary: only the first 2 * len(inv_freq) dims are re-rotated; a sliding_window config "
+            "makes every layer a window layer; longrope refused",
+    "gemma2": "query_pre_attn_scalar scaling, attention logit soft-capping in the op, interleaved sliding "
+              "layers keep their window exactly (only global layers retrieve)",
+    "gemma3_text": "q/k norm, query_pre_attn_scalar scaling, sliding layers keep their window exactly with their "
+                   "own RoPE base; global layers retrieve and re-rotate with the global frequencies",
+}
+SUPPORTED_FAMILIES = tuple(FAMILY_NOTES)
+# Families refused with a reason of their own (beyond "not checked yet").
+REFUSED_FAMILIES = {
+    "gemma3": "the multimodal Gemma3ForConditionalGeneration; load the text model (Gemma3ForCausalLM, "
+              "model_type 'gemma3_text') to wrap it",
+    "gpt2": "learned absolute position embeddings: keys carry no rotation to move them by",
+    "cohere": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
+    "cohere2": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
+    "glm": "interleaved partial RoPE, not the rotate-half convention the op re-rotates",
+}
+# RoPE variants that are a pure rotation by position * inv_freq (re-rotation by a delta is exact). yarn
+# scales cos and sin by its attention factor: the stored key carries the scale, rotation is still exact.
+PURE_ROTATION_ROPE = ("default", "linear", "llama3", "yarn")
+REFUSED_ROPE = {
+    "longrope": "its frequencies switch with the forward's largest position (short factor up to "
+                "original_max_position_embeddings, long past it), so keys read in chunks are rotated "
+                "differently from one stock forward",
+    "dynamic": "its frequencies grow with the forward's length, so keys read in chunks are rotated "
+               "differently from one stock forward",
+}
+
+
+def _rope_types(mc) -> list[str]:
+    """The rope type of every layer kind (gemma3 keeps one rope_parameters dict per layer type)."""
+    params = getattr(mc, "rope_parameters", None) or getattr(mc, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return ["default"]
+    if params and all(isinstance(v, dict) or v is None for v in params.values()):
+        return [v.get("rope_type", v.get("type", "default")) for v in params.values() if v]
+    return [params.get("rope_type", params.get("type", "default"))]
 
 
 def _rope_type(mc) -> str:
-    params = getattr(mc, "rope_parameters", None) or getattr(mc, "rope_scaling", None) or {}
-    return params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    return _rope_types(mc)[0]
+
+
+def sliding_layers(mc) -> list[int]:
+    """Layers that attend through a sliding window (they keep it exactly and never retrieve)."""
+    n = int(getattr(mc, "num_hidden_layers", 0))
+    lt = getattr(mc, "layer_types", None)
+    if lt:
+        return [i for i, t in enumerate(lt) if t == "sliding_attention"]
+    return list(range(n)) if getattr(mc, "sliding_window", None) else []
 
 
 def _check_model(model, cfg: MemoryConfig) -> None:
     mc = model.config
     family = getattr(mc, "model_type", type(model).__name__)
     if family not in SUPPORTED_FAMILIES:
+        why = REFUSED_FAMILIES.get(family, "other families may store or rotate keys differently, and ctxmem "
+                                           "refuses rather than answer wrongly")
         raise ValueError(
             f"ctxmem.wrap: model family {family!r} is not supported yet; supported: "
-            f"{', '.join(SUPPORTED_FAMILIES)}. (Other families may store or rotate keys differently, "
-            "and ctxmem refuses rather than answer wrongly.)")
+            f"{', '.join(SUPPORTED_FAMILIES)}. ({why})")
     if getattr(model, "model", None) is None or getattr(model.model, "rotary_emb", None) is None:
         raise ValueError(f"ctxmem.wrap: expected a *ForCausalLM with .model.rotary_emb, got {type(model).__name__}")
-    rt = _rope_type(mc)
-    if rt not in PURE_ROTATION_ROPE:
-        raise ValueError(f"ctxmem.wrap: rope_type {rt!r} is not a pure rotation; supported: {PURE_ROTATION_ROPE}")
+    for rt in _rope_types(mc):
+        if rt not in PURE_ROTATION_ROPE:
+            why = REFUSED_ROPE.get(rt, "not known to be a pure rotation by position * inv_freq")
+            raise ValueError(f"ctxmem.wrap: rope_type {rt!r} is not supported: {why}; "
+                             f"supported: {PURE_ROTATION_ROPE}")
+    inv = rope_inv_freq(model)
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    if not 0 < 2 * inv.shape[-1] <= head_dim:
+        raise ValueError(f"ctxmem.wrap: the model's RoPE has {inv.shape[-1]} frequencies for a head of {head_dim} dims; "
+                         "expected 0 < 2 * frequencies <= head_dim")
+    if cfg.ram_budget is not None and sliding_layers(mc):
+        raise ValueError("ctxmem.wrap: ram_budget (the bounded-RAM store) does not support sliding-window layers yet "
+                         f"({family} has {len(sliding_layers(mc))}); leave ram_budget unset for this model")
     window = getattr(mc, "max_position_embeddings", None)
     if window is not None and cfg.span(chunk_size(model, cfg)) > window:
         raise ValueError(

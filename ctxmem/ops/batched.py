@@ -19,6 +19,11 @@ whatever its length, and large chunks (thousands of tokens) amortise them:
 
 Used by the CUDA backend for prefill chunks (C > 1); it runs on any device, so the CPU tests
 check it against the reference.
+
+Per-layer options (``layout.py``): partial rotary needs nothing (``rerotate`` turns the first
+``2 * len(inv_freq)`` dims); ``softcap`` replaces the SDPA call by an explicit fp32 softmax (SDPA has
+no soft-capping); ``window`` (a sliding-window layer) is one gather of each row's last
+``window - 1 + n`` keys and one masked attention call, no scoring, no re-rotation.
 """
 from __future__ import annotations
 
@@ -130,6 +135,43 @@ def _plan(Ls: list, ns: list, C: int, G: int, params: OpParams, device) -> _Plan
     return plan
 
 
+def _attend(q, kk, vv, mask, scaling: float, softcap: float | None):
+    """SDPA, or with ``softcap`` the same softmax written out (fp32 logits, capped, masked)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scaling)
+    s = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scaling
+    s = (torch.tanh(s / softcap) * softcap).masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), vv.float()).to(q.dtype)
+
+
+def _window_batched(q, k, v, Ls: list, ns: list, params: OpParams, selected):
+    """A sliding-window layer: query at position p sees stored keys (p - window, p], true positions."""
+    B, Hq, C, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    W = int(params.window)
+    dev = q.device
+    ts = [L - n for L, n in zip(Ls, ns)]
+    lo = [max(0, t - W + 1) if n else 0 for t, n in zip(ts, ns)]
+    M = max([L - a for L, a, n in zip(Ls, lo, ns) if n] + [1])
+    m = torch.arange(M, device=dev).view(1, 1, M)
+    LO, LL, T, N = (_col(x, dev) for x in (lo, Ls, ts, ns))
+    kpos = LO + m  # [B, 1, M]
+    valid = kpos < LL
+    idx = torch.where(valid, kpos, 0)
+    gidx = idx[:, :, :, None].expand(B, Hkv, M, D)
+    kk, vv = torch.gather(k, 2, gidx), torch.gather(v, 2, gidx)
+    if G > 1:
+        kk, vv = kk.repeat_interleave(G, dim=1), vv.repeat_interleave(G, dim=1)
+    qi = torch.arange(C, device=dev).view(1, C, 1)
+    qpos = T + qi - (C - N)  # [B, C, 1]
+    real_q = qi >= C - N
+    visible = valid & (kpos <= qpos) & (kpos > qpos - W)  # [B, C, M]
+    mask = torch.where(real_q, visible, True)[:, None]  # padded queries: any finite row, zeroed below
+    o = _attend(q, kk, vv, mask, params.scaling, params.softcap)
+    return torch.where(real_q[:, None], o, 0).to(q.dtype), selected
+
+
 def retrieval_attention_batched(q, k, v, reps, lengths, n_new, params: OpParams, inv_freq, bias=None):
     B, Hq, C, D = q.shape
     Hkv = k.shape[1]
@@ -139,6 +181,10 @@ def retrieval_attention_batched(q, k, v, reps, lengths, n_new, params: OpParams,
     Ls = [int(x) for x in torch.as_tensor(lengths).tolist()]
     ns = [int(x) for x in torch.as_tensor(n_new).tolist()]
     selected = torch.full((B, Hkv, params.topk), -1, dtype=torch.long, device=dev)
+    if params.window is not None:
+        if not any(ns):
+            return torch.zeros_like(q), selected
+        return _window_batched(q, k, v, Ls, ns, params, selected)
     plan = _plan(Ls, ns, C, G, params, dev)
     if plan is None:  # no row has a real query
         return torch.zeros_like(q), selected
@@ -157,5 +203,5 @@ def retrieval_attention_batched(q, k, v, reps, lengths, n_new, params: OpParams,
     kk = rerotate(kk, plan.vpos - idx, inv_freq.to(dev))  # delta 0 (local keys) is exact
     if G > 1:
         kk, vv = kk.repeat_interleave(G, dim=1), vv.repeat_interleave(G, dim=1)
-    o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=plan.mask, scale=params.scaling)
+    o = _attend(q, kk, vv, plan.mask, params.scaling, params.softcap)
     return torch.where(plan.real_q, o, 0).to(q.dtype), selected

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .dispatch import register_backend
+from .dispatch import OpCall, option_reasons, register_backend
 from .layout import OpParams
 from .batched import retrieval_attention_batched
 from .reference import retrieval_attention_ref
@@ -231,6 +231,9 @@ def retrieval_attention_cuda(q, k, v, reps, lengths, n_new, params: OpParams, in
                           "(CTXMEM_CUDA_FALLBACK is set): " + (load_error() or ""), stacklevel=2)
             _warned = True
         return retrieval_attention_ref(q, k, v, reps, lengths, n_new, params, inv_freq, bias)
+    why = option_reasons(OpCall(q, k, v, reps, lengths, n_new, params, inv_freq, bias), "cuda decode")
+    if why:  # the dispatcher never sends these here; a direct call gets the reasons
+        raise ValueError("; ".join(why))
     dt = q.dtype
     if k.dtype != dt or v.dtype != dt or reps.dtype != dt or D not in _SUPPORTED_D:
         # mixed dtypes would need a converted copy of the whole cache: use the reference
@@ -263,6 +266,8 @@ def _reasons(call) -> list[str]:
     if any(t.dtype != call.q.dtype for t in (call.k, call.v, call.reps)):
         why.append(f"q, k, v and reps must share one dtype (got {call.q.dtype}, {call.k.dtype}, {call.v.dtype}, "
                    f"{call.reps.dtype}); a converted copy of the whole store would be needed")
+    if call.q.shape[2] == 1:  # prefill chunks run on 'batched', which has every option
+        why += option_reasons(call, "cuda decode")
     if call.q.shape[2] == 1 and _fallback_allowed and load_extension() is None:
         why.append("the extension is not built (CTXMEM_CUDA_FALLBACK is set)")
     return why

@@ -41,6 +41,36 @@ def _no_reasons(call: OpCall) -> list[str]:
     return []
 
 
+def rotary_width(call: OpCall) -> int | None:
+    """Rotated dimensions per head (``2 * len(inv_freq)``), or None when the call does not say."""
+    inv = call.inv_freq
+    if not isinstance(inv, torch.Tensor) or inv.dim() != 1:
+        return None
+    return 2 * int(inv.shape[0])
+
+
+def option_reasons(call: OpCall, backend: str, *, softcap: bool = False, window: bool = False,
+                   partial_rotary: bool = False) -> list[str]:
+    """The per-layer options (``layout.OpParams``, partial rotary) that ``backend`` does not implement
+    for ``call``: one reason each, naming the option and who can run it. The keyword arguments say
+    which options the backend does implement."""
+    p = call.params
+    why = []
+    if p is None:  # a call known only by its queries (``Backend.unsupported``)
+        return why
+    others = "the 'batched' and 'torch' backends do"
+    if getattr(p, "softcap", None) is not None and not softcap:
+        why.append(f"the {backend} backend has no attention logit soft-capping (softcap={p.softcap}, gemma2); {others}")
+    if getattr(p, "window", None) is not None and not window:
+        why.append(f"the {backend} backend has no sliding-window layers (window={p.window}, gemma2/gemma3/mistral "
+                   f"sliding layers); {others}")
+    r = rotary_width(call)
+    if r is not None and r < call.q.shape[-1] and not partial_rotary:
+        why.append(f"the {backend} backend re-rotates whole heads; this model rotates {r} of {call.q.shape[-1]} "
+                   f"dims (partial rotary, phi3); {others}")
+    return why
+
+
 @dataclass
 class Backend:
     name: str

@@ -20,6 +20,14 @@ before ``local_start``; the sinks sit just before them. So the farthest key a qu
 ``sink + topk*S + local + S + chunk`` tokens away, inside the model's trained window, whatever
 the context length. When every middle block is selected the virtual positions equal the true
 ones and the op is exactly full causal attention.
+
+Per-layer options (gemma2/gemma3, mistral/qwen2 sliding layers):
+  * ``window``: a sliding-window layer. It keeps its own window exactly: a query at position p sees
+    the stored keys at positions (p - window, p], at their true positions, with no sinks, no
+    retrieval and no re-rotation (the other fields are not read); ``selected`` is all -1.
+  * ``softcap``: attention logits are soft-capped, ``softcap * tanh(scaling * q.k / softcap)``, before
+    the softmax (gemma2). Block scores are not capped (tanh is monotone: the ranking is the same
+    without an embedder bias, and the bias is added to the uncapped score).
 """
 from __future__ import annotations
 
@@ -35,6 +43,14 @@ class OpParams:
     sink: int
     local: int
     scaling: float
+    window: int | None = None  # a sliding-window layer: exact window attention (see the module docstring)
+    softcap: float | None = None  # attention logit soft-capping
+
+    def __post_init__(self):
+        if self.window is not None and (isinstance(self.window, bool) or int(self.window) < 1):
+            raise ValueError(f"OpParams.window must be None or an int >= 1, got {self.window!r}")
+        if self.softcap is not None and not float(self.softcap) > 0:
+            raise ValueError(f"OpParams.softcap must be None or > 0, got {self.softcap!r}")
 
     def span(self, chunk: int) -> int:
         """Largest query-key distance the op can produce for a chunk of ``chunk`` queries."""

@@ -59,7 +59,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .dispatch import register_backend
+from .dispatch import OpCall, option_reasons, register_backend
 from .layout import OpParams
 from .reference import retrieval_attention_ref
 
@@ -642,6 +642,9 @@ def _split_tasks(n_new: np.ndarray, Hkv: int, tq: int) -> np.ndarray:
 
 def retrieval_attention_numba(q, k, v, reps, lengths, n_new, params: OpParams, inv_freq, bias=None):
     """numba implementation of ``retrieval_attention_ref`` (same signature and results)."""
+    why = option_reasons(OpCall(q, k, v, reps, lengths, n_new, params, inv_freq, bias), "numba")
+    if why:
+        raise ValueError("; ".join(why))
     B, Hq, C, D = q.shape
     Hkv, cap = k.shape[1], k.shape[2]
     if q.numel() == 0 or k.numel() == 0:
@@ -718,4 +721,9 @@ def warmup() -> None:
             retrieval_attention_numba(q, k, k, reps, [16], [C], p, inv)
 
 
-register_backend("numba", retrieval_attention_numba, lambda call: [r for r in (_unsupported(call.q),) if r])
+def _reasons(call) -> list[str]:
+    first = _unsupported(call.q)
+    return [first] if first else option_reasons(call, "numba")
+
+
+register_backend("numba", retrieval_attention_numba, _reasons)

@@ -13,7 +13,8 @@ Contract (every backend implements exactly this; see ``layout.py`` for the regio
     lengths  [B] int            stored tokens per row, this chunk included
     n_new    [B] int            real queries per row in this chunk
     bias     [B, nb] or None    added to every head's block score (the embedder's votes)
-    inv_freq [D/2]              the model's RoPE frequencies (for re-rotation)
+    inv_freq [R/2]              the model's RoPE frequencies (for re-rotation); R = 2 * len(inv_freq)
+                                <= D leading dimensions are rotated (R < D: partial rotary, phi3)
 
 Block score for KV head h:  scaling * max_r <qbar_h, reps[h, j, r]> + bias[j], where qbar_h is
 the mean of the group's real queries over the chunk. The top ``min(topk, nmid)`` blocks are
@@ -21,6 +22,10 @@ selected (ties go to the lower block index), then attended in ascending order, r
 described in ``layout.py``, together with the sinks and the local window, in one softmax.
 Returns ``out [B, Hq, C, D]`` (zeros at padded queries) and ``selected [B, Hkv, topk]`` (block
 indices ascending, -1 where fewer were selected).
+
+``params.window`` (a sliding-window layer: exact window attention at true positions) and
+``params.softcap`` (logits ``softcap * tanh(logit / softcap)`` before the softmax) are described in
+``layout.py``; every backend either implements them or says why not (``dispatch.py``).
 """
 from __future__ import annotations
 
@@ -62,7 +67,43 @@ def gather_plan(t: int, L: int, sel: torch.Tensor, p: OpParams):
     return idx, vpos
 
 
+def attend_ref(q, k, v, mask, scaling: float, softcap: float | None):
+    """softmax(scaling * q k^T, soft-capped, masked) v in fp32: q [H, Cq, D], k/v [H, M, D], mask [Cq, M]."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask[None], scale=scaling)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask[None], float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v.float())
+
+
+def window_attention_ref(q, k, v, lengths, n_new, params: OpParams):
+    """A sliding-window layer (``params.window``): each query at position p attends the stored keys at
+    (p - window, p], true positions, no re-rotation; the contract's ``(out, selected)`` with no selection."""
+    B, Hq, C, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    W = int(params.window)
+    out = torch.zeros_like(q)
+    selected = torch.full((B, Hkv, params.topk), -1, dtype=torch.long, device=q.device)
+    for b in range(B):
+        n, L = int(n_new[b]), int(lengths[b])
+        if n == 0:
+            continue
+        t = L - n
+        lo = max(0, t - W + 1)
+        kpos = torch.arange(lo, L, device=q.device)
+        qpos = torch.arange(t, L, device=q.device)
+        mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - W)
+        qb = q[b, :, C - n:, :].reshape(Hkv, G * n, D)
+        o = attend_ref(qb, k[b, :, lo:L], v[b, :, lo:L], mask.repeat(G, 1), params.scaling, params.softcap)
+        out[b, :, C - n:, :] = o.reshape(Hq, n, D).to(q.dtype)
+    return out, selected
+
+
 def retrieval_attention_ref(q, k, v, reps, lengths, n_new, params: OpParams, inv_freq, bias=None):
+    if params.window is not None:
+        return window_attention_ref(q, k, v, lengths, n_new, params)
     B, Hq, C, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -94,9 +135,6 @@ def retrieval_attention_ref(q, k, v, reps, lengths, n_new, params: OpParams, inv
         qpos = torch.arange(t, L, device=q.device)
         visible = idx[0][None, :] <= qpos[:, None]  # [n, M]; sinks/blocks precede t, so always visible
         mask = visible.repeat(G, 1)  # query rows are (g, n) flattened
-        o = F.scaled_dot_product_attention(
-            qb.reshape(Hkv, G * n, D).float(), kk.float(), vv.float(),
-            attn_mask=mask[None], scale=params.scaling,
-        )
+        o = attend_ref(qb.reshape(Hkv, G * n, D), kk, vv, mask, params.scaling, params.softcap)
         out[b, :, C - n:, :] = o.reshape(Hq, n, D).to(q.dtype)
     return out, selected

@@ -1,0 +1,187 @@
+"""wrap/unwrap on the families beyond llama/qwen2/mistral, each against its stock model (issue 27).
+
+Every family runs through the same AttentionInterface + Cache path; each test compares with the stock
+model's own output (sdpa, or eager for gemma2, whose soft-capping sdpa cannot do):
+  * a full budget gives the stock logits (fp32, max abs diff <= 1e-4), whatever block / sink / local /
+    chunk sizes (hypothesis);
+  * a small budget really retrieves, generate runs, and unwrap gives the stock model back bit for bit;
+  * re-rotating a stored key equals the model's own RoPE at the new position (partial rotary, yarn,
+    gemma3's global frequencies), which is what makes a partial budget exact in position;
+  * what stays refused is refused with its reason.
+"""
+import pytest
+import torch
+import transformers as T
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ctxmem
+from ctxmem.hf.cache import rope_inv_freq
+from ctxmem.ops.rope import rerotate
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SLIDING = ["sliding_attention", "full_attention"]
+
+
+def family_model(name: str, seed: int = 0, window: int = 100_000):
+    """A tiny random model of family ``name`` (fp32, eval); a few names are variants of one family."""
+    torch.manual_seed(seed)
+    c = dict(COMMON, max_position_embeddings=window)
+    impl = "sdpa"
+    if name == "qwen3":
+        cls, cfg = T.Qwen3ForCausalLM, T.Qwen3Config(**c, use_sliding_window=False)
+    elif name == "qwen3-sliding":  # its upper layers slide
+        cls, cfg = T.Qwen3ForCausalLM, T.Qwen3Config(**c, use_sliding_window=True, sliding_window=12,
+                                                     max_window_layers=1)
+    elif name == "qwen3-yarn":
+        cls, cfg = T.Qwen3ForCausalLM, T.Qwen3Config(**c, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})
+    elif name == "olmo2":
+        cls, cfg = T.Olmo2ForCausalLM, T.Olmo2Config(**c)
+    elif name == "granite":
+        cls, cfg = T.GraniteForCausalLM, T.GraniteConfig(**c, attention_multiplier=0.3, embedding_multiplier=2.0,
+                                                         residual_multiplier=0.5, logits_scaling=4.0)
+    elif name == "phi3":  # partial rotary: 8 of 16 dims rotate
+        c.pop("head_dim")
+        cls, cfg = T.Phi3ForCausalLM, T.Phi3Config(**c, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    elif name == "mistral-sliding":  # every layer slides
+        cls, cfg = T.MistralForCausalLM, T.MistralConfig(**c, sliding_window=12)
+    elif name == "gemma2":
+        cls, cfg = T.Gemma2ForCausalLM, T.Gemma2Config(**c, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                                       final_logit_softcapping=30.0, sliding_window=12,
+                                                       layer_types=SLIDING)
+        impl = "eager"  # sdpa has no soft-capping; eager is gemma2's own default
+    elif name == "gemma3":
+        cls, cfg = T.Gemma3ForCausalLM, T.Gemma3TextConfig(**c, query_pre_attn_scalar=24, sliding_window=12,
+                                                           layer_types=SLIDING)
+    else:
+        raise ValueError(name)
+    cfg._attn_implementation = impl
+    return cls(cfg).eval()
+
+
+FAMILIES = ["qwen3", "olmo2", "granite", "phi3", "gemma2", "gemma3"]
+VARIANTS = ["qwen3-sliding", "qwen3-yarn", "mistral-sliding"]
+
+
+def full_budget(**kw):
+    base = dict(block_size=8, topk_blocks=1000, sink_tokens=4, local_tokens=16, prefill_chunk=24, selector="keys")
+    base.update(kw)
+    return ctxmem.MemoryConfig(**base)
+
+
+SMALL = dict(block_size=8, topk_blocks=2, sink_tokens=4, local_tokens=16, prefill_chunk=24, selector="keys")
+
+
+@pytest.mark.parametrize("name", FAMILIES + VARIANTS)
+def test_full_budget_equals_stock_logits(name):
+    model = family_model(name)
+    ids = torch.randint(3, 97, (2, 150), generator=torch.Generator().manual_seed(1))
+    ref = model(ids).logits
+    ctxmem.wrap(model, full_budget())
+    try:
+        out = model(ids).logits
+    finally:
+        ctxmem.unwrap(model)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_small_budget_generates_and_unwrap_is_bit_identical(name):
+    model = family_model(name, seed=5)
+    ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(3))
+    before = model(ids).logits
+    gen_before = model.generate(ids, max_new_tokens=6, do_sample=False)
+    impl = model.config._attn_implementation
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL))
+    wrapped = model(ids).logits
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 126) and torch.equal(out[:, :120], ids)
+    assert (wrapped - before).abs().max() > 1e-3  # a small budget really changes attention ...
+    ctxmem.unwrap(model)
+    assert torch.equal(model(ids).logits, before)  # ... and unwrap gives the stock model back exactly
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), gen_before)
+    assert model.config._attn_implementation == impl
+    assert "forward" not in vars(model)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "phi3"])
+def test_full_budget_generate_equals_stock(name):
+    model = family_model(name, seed=3)
+    ids = torch.randint(3, 97, (1, 90), generator=torch.Generator().manual_seed(2))
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False)
+    ctxmem.wrap(model, full_budget())
+    try:
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    finally:
+        ctxmem.unwrap(model)
+    assert torch.equal(out, ref)
+
+
+@settings(max_examples=10, deadline=None)
+@given(name=st.sampled_from(FAMILIES), block=st.sampled_from([4, 8, 16]), sink=st.integers(0, 8),
+       local=st.integers(0, 40), chunk=st.integers(1, 70), length=st.integers(1, 140))
+def test_full_budget_equals_stock_any_sizes(name, block, sink, local, chunk, length):
+    model = family_model(name, seed=7)
+    ids = torch.randint(3, 97, (1, length), generator=torch.Generator().manual_seed(length))
+    ref = model(ids).logits
+    ctxmem.wrap(model, full_budget(block_size=block, sink_tokens=sink, local_tokens=local, prefill_chunk=chunk))
+    try:
+        out = model(ids).logits
+    finally:
+        ctxmem.unwrap(model)
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def _model_rope(model, name, k, pos):
+    """``k`` [1, H, n, D] rotated by the model's own rotary embedding and apply_rotary_pos_emb at ``pos``."""
+    rot = model.model.rotary_emb
+    pid = torch.as_tensor(pos)[None]
+    cos, sin = rot(k, pid, "full_attention") if name == "gemma3" else rot(k, pid)
+    mod = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+    return mod.apply_rotary_pos_emb(k, k, cos, sin)[1]
+
+
+@pytest.mark.parametrize("name", FAMILIES + ["qwen3-yarn"])
+def test_rerotation_equals_the_models_rope(name):
+    """A key stored rotated at p and re-rotated by d is the model's key at p + d (the op's premise):
+    partial rotary (phi3: the unrotated dims untouched), yarn's scaled cos/sin, gemma3's global base."""
+    model = family_model(name)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 5, model.config.head_dim if hasattr(model.config, "head_dim") else 16, generator=g)
+    pos = torch.tensor([3, 40, 41, 200, 7])
+    delta = torch.tensor([5, -30, 100, -199, 0])
+    stored = _model_rope(model, name, k, pos)
+    moved = rerotate(stored, delta, rope_inv_freq(model))
+    want = _model_rope(model, name, k, pos + delta)
+    assert (moved - want).abs().max().item() <= 1e-5
+    if name == "phi3":
+        r = 2 * rope_inv_freq(model).shape[0]
+        assert r < k.shape[-1] and torch.equal(moved[..., r:], k[..., r:])
+
+
+def test_refusals_name_the_reason():
+    model = family_model("phi3")
+    model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                    "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                                    "original_max_position_embeddings": 64}
+    with pytest.raises(ValueError, match="longrope.*switch with the forward's largest position"):
+        ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL))
+    model = family_model("gemma2")
+    with pytest.raises(ValueError, match="ram_budget.*sliding-window layers"):
+        ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL, ram_budget="1GB"))
+    assert getattr(model, "_ctxmem", None) is None and "forward" not in vars(model)
+
+
+def test_gemma2_explicit_numba_backend_says_why_not():
+    """The numba kernel has no soft-capping or window layers: asked for by name, the call fails naming them."""
+    model = family_model("gemma2")
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL, backend="numba"))
+    try:
+        with pytest.raises(RuntimeError, match="numba.*(soft-capping|sliding-window)"):
+            model(torch.randint(3, 97, (1, 40)))
+    finally:
+        ctxmem.unwrap(model)
