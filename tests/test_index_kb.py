@@ -42,7 +42,7 @@ def test_build_search_is_exact_and_provenance_maps_back(corpus):
     assert info["index_type"] == "flat" and info["sources"] == 8 and info["dim"] == 64
     assert info["embedder"] == EMB and info["chunks"] == len(kb) > 8
     for q in QUERIES:
-        hits = kb.search(q, k=7)
+        hits = kb.search(q, k=7, mode="dense")
         scores, _ = brute_force(kb, q, 7)
         np.testing.assert_allclose([h.score for h in hits], scores, atol=1e-5)
     # every chunk's text is exactly its span of the decoded source

@@ -5,7 +5,9 @@ A KB folder holds::
     manifest.msgpack        versioned, checksummed; names every other file with its sha256
     seg-NNNNNN.chunks       chunk store of one segment (see store.py)
     seg-NNNNNN.npy          that segment's embeddings, float32 (n, dim), normalised
+    seg-NNNNNN.lex          that segment's term counts per chunk (see lexical.py)
     index-NNNNNN.faiss      the FAISS index over every chunk (see ann.py)
+    lexical-NNNNNN.bm25     the BM25 index over every chunk (see lexical.py)
     .lock                   held (flock) by the one process writing the KB
 
 How a build commits (the resume contract)
@@ -20,7 +22,8 @@ How a build commits (the resume contract)
     hash is committed in full, continues a partly committed source at its next chunk
     (chunking is deterministic), re-embeds a source whose hash changed (its old chunks are
     dropped), and drops sources no longer given. The FAISS index is brought in line with the
-    committed chunks at the end (added to, or rebuilt for types that cannot remove). So a
+    committed chunks at the end (added to, or rebuilt for types that cannot remove), and so is
+    the BM25 index (rebuilt from the segments' term counts: its idf is corpus-wide). So a
     build killed at any moment loses at most the group in flight, and the rerun ends with
     exactly the chunks of a clean build. Files that no committed manifest names (left by a
     kill) are deleted at the start of the next write. A rerun on an unchanged corpus embeds
@@ -44,15 +47,15 @@ from pathlib import Path
 import numpy as np
 
 from .._atomic import atomic_write_bytes
-from . import ann, embed
+from . import ann, embed, lexical
 from .chunking import Chunker
 from .errors import BadInputError, IndexCorruptError, IndexIncompleteError, KnowledgeIndexError
 from .manifest import MANIFEST, read_manifest, sha256_bytes, write_manifest
 from .sources import DEFAULT_MAX_FILE_BYTES, SkipSource, decode_source, read_bytes
 from .store import ChunkStoreReader, encode_store
 
-SEG_FILE_RE = re.compile(r"^seg-\d{6,}\.(chunks|npy)$")
-INDEX_FILE_RE = re.compile(r"^index-\d{6,}\.faiss$")
+SEG_FILE_RE = re.compile(r"^seg-\d{6,}\.(chunks|npy|lex)$")
+INDEX_FILE_RE = re.compile(r"^(index-\d{6,}\.faiss|lexical-\d{6,}\.bm25)$")
 TMP_FILE_RE = re.compile(r"^\..+\.tmp$")
 LOCK_NAME = ".lock"
 
@@ -120,6 +123,21 @@ def load_index(kb_dir: Path, m: dict):
         raise IndexCorruptError(kb_dir / meta["file"], f"not a valid FAISS index ({e})") from None
     ann.apply_search_params(index, meta["type"], meta["params"])
     return index
+
+
+def load_lexical(kb_dir: Path, m: dict) -> "lexical.Bm25Arrays":
+    """The KB's BM25 index, checked (sha256, structure, and its chunk ids against the manifest's)."""
+    meta = m["lexical"]
+    path = kb_dir / meta["file"]
+    a = lexical.decode_index(read_checked(kb_dir, m, meta["file"]), path)
+    if len(a.ids) != meta["count"] or lexical.ids_digest(a.ids) != meta["ids_sha256"]:
+        raise IndexCorruptError(path, "its chunk ids disagree with the manifest")
+    return a
+
+
+def load_segment_terms(kb_dir: Path, m: dict, seg: str) -> "lexical.SegmentTerms":
+    fname = seg + ".lex"
+    return lexical.decode_segment(read_checked(kb_dir, m, fname), kb_dir / fname, m["segments"][seg]["chunks"])
 
 
 def live_parts(m: dict) -> list[list]:
@@ -252,6 +270,7 @@ class Session:
         np.save(buf, np.ascontiguousarray(vectors, dtype="<f4"), allow_pickle=False)
         self.write_file(seg + ".npy", buf.getvalue())
         self.write_file(seg + ".chunks", encode_store(records, ids))
+        self.write_file(seg + ".lex", lexical.encode_segment(lexical.count_terms([r["text"] for r in records])))
         self.m["segments"][seg] = {"chunks": len(records)}
         return seg
 
@@ -295,12 +314,12 @@ class Session:
                     p[0], p[3] = new_seg, row
                     row += p[2]
             del m["segments"][seg]
-            self.forget_file(seg + ".npy")
-            self.forget_file(seg + ".chunks")
+            for ext in (".npy", ".chunks", ".lex"):
+                self.forget_file(seg + ext)
         return dropped
 
     def finalize(self, requested: str, create=None) -> bool:
-        """Bring the FAISS index in line with the committed chunks; mark the KB ready.
+        """Bring the FAISS and BM25 indexes in line with the committed chunks; mark the KB ready.
 
         Sources left partly committed (an interrupted run whose sources were not given again)
         are dropped first. Returns False when nothing needed writing. ``create(session, kind,
@@ -315,6 +334,7 @@ class Session:
         kind = ann.choose_type(requested, n)
         cur = m.get("index")
         index = None
+        dense_done = False
         if cur is not None and cur["type"] == kind and cur["file"] in m["files"]:
             index = load_index(self.dir, m)
             params = cur["params"]
@@ -322,8 +342,7 @@ class Session:
             to_remove = np.setdiff1d(have, ids)
             to_add = np.setdiff1d(ids, have)
             if not len(to_remove) and not len(to_add):
-                if m["state"] == "ready" and cur.get("requested") == requested:
-                    return False
+                dense_done = m["state"] == "ready" and cur.get("requested") == requested
             else:
                 if len(to_remove):
                     live = gather_vectors(self.dir, m, ids) if kind != "flat" else None
@@ -339,14 +358,58 @@ class Session:
             else:
                 vecs = gather_vectors(self.dir, m, ids) if n else np.zeros((0, dim), np.float32)
                 index = ann.create(kind, vecs, ids, params)
-        fname = self.new_name("index") + ".faiss"
-        self.write_file(fname, ann.serialize(index))
-        if cur is not None:
-            self.forget_file(cur["file"])
-        m["index"] = {"requested": requested, "type": kind, "params": params, "file": fname, "count": int(n)}
+        if not dense_done:
+            fname = self.new_name("index") + ".faiss"
+            self.write_file(fname, ann.serialize(index))
+            if cur is not None:
+                self.forget_file(cur["file"])
+            m["index"] = {"requested": requested, "type": kind, "params": params, "file": fname, "count": int(n)}
+        del index
+        lexical_done = not self.finalize_lexical(ids)
+        if dense_done and lexical_done:
+            return False
         m["state"] = "ready"
         m.pop("op", None)
         self.commit()
+        return True
+
+    def finalize_lexical(self, ids: np.ndarray) -> bool:
+        """Bring the BM25 index in line with the chunks ``ids`` (in memory; committed by the caller).
+
+        Segments without term counts (written before the lexical index existed) get them from
+        their chunk texts first. Returns False when nothing needed writing.
+        """
+        m = self.m
+        for seg in sorted(m["segments"]):
+            if seg + ".lex" not in m["files"]:
+                store = open_store(self.dir, m, seg, checksum=True)
+                try:
+                    texts = [r["text"] for r in store.records()]
+                finally:
+                    store.close()
+                self.write_file(seg + ".lex", lexical.encode_segment(lexical.count_terms(texts)))
+        cur = m.get("lexical")
+        digest = lexical.ids_digest(ids)
+        if (cur is not None and cur["file"] in m["files"] and cur["ids_sha256"] == digest
+                and cur["tokenizer"] == lexical.TOKENIZER and cur["params"] == lexical.PARAMS):
+            return False
+        pieces = []
+        by_seg: dict[str, list[list]] = {}
+        for p in live_parts(m):
+            by_seg.setdefault(p[0], []).append(p)
+        for seg in sorted(by_seg):
+            parts = by_seg[seg]
+            rows = np.concatenate([np.arange(p[3], p[3] + p[2], dtype=np.int64) for p in parts])
+            pids = np.concatenate([np.arange(p[1], p[1] + p[2], dtype=np.int64) for p in parts])
+            pieces.append((load_segment_terms(self.dir, m, seg), rows, pids))
+        arrays = lexical.build_arrays(pieces)
+        fname = self.new_name("lexical") + ".bm25"
+        self.write_file(fname, lexical.encode_index(arrays))
+        if cur is not None:
+            self.forget_file(cur["file"])
+        m["lexical"] = {"file": fname, "count": int(len(arrays.ids)), "ids_sha256": digest,
+                        "vocab": len(arrays.vocab), "postings": int(len(arrays.data)), "avgdl": arrays.avgdl,
+                        "tokenizer": lexical.TOKENIZER, "params": lexical.PARAMS}
         return True
 
 

@@ -130,9 +130,14 @@ def _cmd_query(args) -> int:
     from .knowledge import KnowledgeIndex
 
     kb = KnowledgeIndex.open(args.kb, embedder=args.embedder)
-    hits = kb.search(args.text, k=args.k)
+    mode = args.mode if kb.has_lexical or args.mode != "hybrid" else "dense"
+    if mode != args.mode:
+        print(f"ctxmem index query: note: {args.kb} has no lexical index (written by an older ctxmem); searching "
+              f"dense only. `ctxmem index upgrade {args.kb}` adds it without re-embedding", file=sys.stderr)
+    hits = kb.search(args.text, k=args.k, mode=mode)
     if args.json:
-        print(json.dumps({"query": args.text, "k": args.k, "hits": [h.to_dict() for h in hits]}, indent=2))
+        print(json.dumps({"query": args.text, "k": args.k, "mode": mode, "hits": [h.to_dict() for h in hits]},
+                         indent=2))
         return 0
     if not hits:
         print("no hits")
@@ -141,6 +146,21 @@ def _cmd_query(args) -> int:
         if len(preview) > args.width:
             preview = preview[:args.width - 3] + "..."
         print(f"{i}. {h.score:.4f}  {h.source}:{h.start}-{h.end}\n   {preview}")
+    return 0
+
+
+@_handled("upgrade")
+def _cmd_upgrade(args) -> int:
+    from .knowledge import KnowledgeIndex
+
+    report = KnowledgeIndex.upgrade(args.kb)
+    if args.json:
+        print(json.dumps(report))
+    elif report["changed"]:
+        lex = report["lexical"]
+        print(f"upgraded {report['path']}: lexical index over {lex['count']} chunks ({lex['vocab']} terms) added")
+    else:
+        print(f"{report['path']} is up to date")
     return 0
 
 
@@ -173,11 +193,11 @@ def _cmd_verify(args) -> int:
 
 
 def add_index_parser(subparsers) -> None:
-    """Register ``index`` with build/query/info/verify/add/remove on an argparse subparsers object."""
+    """Register ``index`` with build/query/info/verify/add/remove/upgrade on an argparse subparsers object."""
     p = subparsers.add_parser("index", help="build, query and maintain a knowledge index (KB)",
                               description="Build, query and maintain a knowledge index: a folder holding a "
-                                          "FAISS index over chunks of a corpus, with provenance.")
-    sub = p.add_subparsers(dest="index_command", metavar="{build,query,info,verify,add,remove}")
+                                          "FAISS index and a BM25 index over chunks of a corpus, with provenance.")
+    sub = p.add_subparsers(dest="index_command", metavar="{build,query,info,verify,add,remove,upgrade}")
     sub.required = True
 
     b = sub.add_parser("build", help="build (or resume, or update) a KB from files, folders, JSONL, stdin",
@@ -212,6 +232,10 @@ def add_index_parser(subparsers) -> None:
     q.add_argument("kb", metavar="KB")
     q.add_argument("text")
     q.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
+    q.add_argument("--mode", default="hybrid", choices=("hybrid", "dense", "lexical"),
+                   help="hybrid (default): embedding and BM25 rankings fused by reciprocal rank; dense: embedding "
+                        "similarity only (score: cosine); lexical: BM25 only (exact words, identifiers; no model "
+                        "loaded)")
     q.add_argument("--embedder", default=None, help="embedder to query with (must be the KB's; default: the KB's)")
     q.add_argument("--width", type=int, default=160, help=argparse.SUPPRESS)
     q.add_argument("--json", action="store_true", help="hits as JSON (text, score, source, start, end)")
@@ -239,6 +263,12 @@ def add_index_parser(subparsers) -> None:
     r.add_argument("--source", required=True, action="append", metavar="PATH", help="repeatable")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_cmd_remove)
+
+    u = sub.add_parser("upgrade", help="add what a KB written by an older ctxmem lacks (the lexical index), "
+                                       "without re-embedding")
+    u.add_argument("kb", metavar="KB")
+    u.add_argument("--json", action="store_true")
+    u.set_defaults(func=_cmd_upgrade)
 
 
 def main(argv=None) -> int:

@@ -4,23 +4,27 @@
 >>> KnowledgeIndex.open("kb/").search("a question", k=5)               # doctest: +SKIP
 [Hit(text='...', score=0.71, source='/abs/docs/a.md', start=1200, end=1890), ...]
 
-``Hit.score`` is the cosine similarity of the query and the chunk (inner product of normalised
-embeddings); ``text == read_source_text(source)[start:end]``. The on-disk layout, the commit
+``search`` fuses two rankings by default (``mode="hybrid"``): the FAISS index over the chunk
+embeddings and a BM25 index over their words (:mod:`ctxmem.index.lexical`), by reciprocal rank
+fusion. ``Hit.score`` is, by mode: ``dense``, the cosine similarity of the query and the chunk
+(inner product of normalised embeddings); ``lexical``, the chunk's BM25 score; ``hybrid``, the
+fused score ``sum 1 / (60 + rank)``. ``text == read_source_text(source)[start:end]``. The on-disk layout, the commit
 and resume rules are in :mod:`ctxmem.index.builder`; input policy in :mod:`ctxmem.index.sources`.
 """
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import ann, embed
-from .builder import (Ingestor, Session, check_writable_state, live_ids, live_parts, load_index,
-                      load_vectors, make_chunker, new_manifest, open_store)
+from . import ann, embed, lexical
+from .builder import (Ingestor, Session, check_writable_state, live_ids, live_parts, load_index, load_lexical,
+                      load_segment_terms, load_vectors, make_chunker, new_manifest, open_store)
 from .chunking import Chunker
 from .errors import (BadInputError, EmbedderMismatchError, IndexCorruptError, IndexIncompleteError,
                      KnowledgeIndexError)
@@ -32,7 +36,7 @@ _MAX_OPEN_STORES = 64
 
 @dataclass(frozen=True)
 class Hit:
-    """One retrieved chunk: its text, cosine score, and where it lies in its source."""
+    """One retrieved chunk: its text, score (see the module docstring), and where it lies in its source."""
     text: str
     score: float
     source: str
@@ -102,6 +106,18 @@ class KnowledgeIndex:
         self._part_keys = [keys[id(p)] for p in parts]
         self._id0s = np.array([p[1] for p in parts], dtype=np.int64)
         self._stores: OrderedDict = OrderedDict()
+        self._lex = None
+        self._warned_no_lexical = False
+
+    @property
+    def has_lexical(self) -> bool:
+        """Whether this KB holds a BM25 index (KBs built before ctxmem 0.2 do not; see :meth:`upgrade`)."""
+        return self._m.get("lexical") is not None
+
+    def _lexical(self) -> "lexical.LexicalSearcher":
+        if self._lex is None:
+            self._lex = lexical.LexicalSearcher(load_lexical(self.path, self._m))
+        return self._lex
 
     def close(self) -> None:
         for s in self._stores.values():
@@ -279,20 +295,85 @@ class KnowledgeIndex:
         self._load(read_manifest(self.path))
         return n
 
+    @classmethod
+    def upgrade(cls, path, progress: bool = False) -> dict:
+        """Bring a KB written by an older ctxmem up to this one's layout, without re-embedding:
+        adds the lexical (BM25) index from the stored chunk texts. Does nothing to a current KB.
+        Returns ``{"path", "changed", "chunks", "lexical"}``."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BadInputError(f"no KB at {path} (not a folder)")
+        with Session(path, create_ok=False) as sess:
+            m = sess.m
+            check_writable_state(m, "upgrade", path)
+            changed = sess.finalize((m.get("index") or {}).get("requested", "auto"))
+            m = sess.m
+        return {"path": str(path), "changed": bool(changed), "chunks": int(m["index"]["count"]),
+                "lexical": m.get("lexical")}
+
     # -- searching -----------------------------------------------------------------------------
 
-    def search(self, text: str, k: int = 5) -> list[Hit]:
-        """The ``k`` chunks most similar to ``text``, best first."""
+    def search(self, text: str, k: int = 5, mode: str = "hybrid") -> list[Hit]:
+        """The ``k`` best chunks for ``text``, best first.
+
+        ``mode``: ``hybrid`` (default: dense and BM25 rankings fused by reciprocal rank),
+        ``dense`` (embedding similarity only) or ``lexical`` (BM25 only; loads no embedder).
+        On a KB without a lexical index (see :meth:`upgrade`) ``hybrid`` searches ``dense``
+        and warns once; ``lexical`` raises :class:`BadInputError`.
+        """
         if not isinstance(text, str):
             raise TypeError("search() takes a string; use search_vectors() for embeddings")
-        return self.search_many([text], k)[0]
+        return self.search_many([text], k, mode=mode)[0]
 
-    def search_many(self, texts: list[str], k: int = 5) -> list[list[Hit]]:
+    def _mode(self, mode: str) -> str:
+        if mode not in lexical.MODES:
+            raise BadInputError(f"unknown search mode {mode!r}; choose one of {', '.join(lexical.MODES)}")
+        if mode != "dense" and not self.has_lexical:
+            if mode == "lexical":
+                raise BadInputError(f"KB {self.path} has no lexical index (written by an older ctxmem); add it "
+                                    f"with `ctxmem index upgrade {self.path}` (no re-embedding)")
+            if not self._warned_no_lexical:
+                self._warned_no_lexical = True
+                warnings.warn(f"KB {self.path} has no lexical index (written by an older ctxmem): searching dense "
+                              f"only; `ctxmem index upgrade {self.path}` adds it without re-embedding", stacklevel=3)
+            return "dense"
+        return mode
+
+    def search_many(self, texts: list[str], k: int = 5, mode: str = "hybrid") -> list[list[Hit]]:
+        mode = self._mode(mode)
         if k <= 0 or not texts:
             return [[] for _ in texts]
+        if mode == "dense":
+            return self.search_vectors(self._embed(texts), k)
+        if len(self) == 0:
+            return [[] for _ in texts]
+        return [[self._hit(int(i), float(s)) for i, s in zip(*r)] for r in self.rank_many(texts, k, mode)]
+
+    def _embed(self, texts) -> np.ndarray:
         threads = embed.query_threads() if len(texts) <= 8 else None
-        q = embed.encode(self.embedder, list(texts), threads=threads)
-        return self.search_vectors(q, k)
+        return embed.encode(self.embedder, list(texts), threads=threads)
+
+    def rank_many(self, texts: list[str], k: int = 5, mode: str = "hybrid", q: np.ndarray | None = None):
+        """``[(chunk ids, scores)]`` per text, best first, without reading the chunks (benchmarks,
+        rerankers). ``q``: the texts' embeddings when already computed."""
+        mode = self._mode(mode)
+        out = []
+        depth = max(k, lexical.FUSION_DEPTH) if mode == "hybrid" else k
+        if mode != "lexical":
+            q = self._embed(texts) if q is None else np.atleast_2d(np.asarray(q, dtype=np.float32))
+            D, I = self._searcher.search(q, depth) if len(self) else (np.zeros((len(texts), 0)),) * 2
+        for j, text in enumerate(texts):
+            if mode == "dense":
+                keep = I[j] >= 0
+                out.append((I[j][keep].astype(np.int64), D[j][keep]))
+                continue
+            lid, lsc = self._lexical().search(text, depth)
+            if mode == "lexical":
+                out.append((lid, lsc))
+                continue
+            dids = I[j][I[j] >= 0].astype(np.int64)
+            out.append(lexical.rrf([dids, lid], k))
+        return out
 
     def search_vectors(self, q: np.ndarray, k: int = 5) -> list[list[Hit]]:
         """Search with query embeddings (n, dim) made by the KB's embedder."""
@@ -399,6 +480,8 @@ def kb_info(path, m: dict | None = None) -> dict:
         "index_type": idx.get("type"),
         "index_requested": idx.get("requested", m.get("index_requested")),
         "index_params": idx.get("params"),
+        "lexical": ({key: m["lexical"][key] for key in ("file", "count", "vocab", "postings", "avgdl", "params")}
+                    if m.get("lexical") else None),
         "chunk_tokens": ch["chunk_tokens"],
         "overlap": ch["overlap"],
         "tokenizer": ch["tokenizer"],
@@ -435,6 +518,8 @@ def verify_kb(path) -> dict:
             raise IndexCorruptError(path / MANIFEST, f"source {key} is marked complete with a wrong chunk count")
     n_chunks = 0
     for seg, meta in m["segments"].items():
+        if seg + ".lex" in m["files"]:
+            load_segment_terms(path, m, seg)
         vecs = load_vectors(path, m, seg)
         if not np.isfinite(vecs).all():
             raise IndexCorruptError(path / (seg + ".npy"), "non-finite embeddings")
@@ -470,5 +555,10 @@ def verify_kb(path) -> dict:
         raise IndexCorruptError(path / m["index"]["file"], f"index dim {index.d}, embedder dim {dim}")
     if not np.array_equal(np.sort(ann.index_ids(index)), ids):
         raise IndexCorruptError(path / m["index"]["file"], "index ids disagree with the chunk store")
+    if m.get("lexical") is not None:
+        lex = load_lexical(path, m)
+        if not np.array_equal(lex.ids, ids):
+            raise IndexCorruptError(path / m["lexical"]["file"], "lexical index ids disagree with the chunk store")
     return {"ok": True, "path": str(path), "files": len(m["files"]) + 1, "chunks": int(n_chunks),
-            "sources": len(m["sources"]), "bytes": int(sum(f["size"] for f in m["files"].values()))}
+            "sources": len(m["sources"]), "bytes": int(sum(f["size"] for f in m["files"].values())),
+            "lexical": m.get("lexical") is not None}
