@@ -56,6 +56,22 @@ def family_model(name: str, seed: int = 0, window: int = 100_000):
     elif name == "gemma3":
         cls, cfg = T.Gemma3ForCausalLM, T.Gemma3TextConfig(**c, query_pre_attn_scalar=24, sliding_window=12,
                                                            layer_types=SLIDING)
+    elif name == "olmo3":
+        cls, cfg = T.Olmo3ForCausalLM, T.Olmo3Config(**c, sliding_window=12, layer_types=SLIDING)
+    elif name == "ministral":
+        cls, cfg = T.MinistralForCausalLM, T.MinistralConfig(**c, sliding_window=12, layer_types=SLIDING)
+    elif name == "starcoder2":
+        cls, cfg = T.Starcoder2ForCausalLM, T.Starcoder2Config(**c, sliding_window=None)
+    elif name == "seed_oss":
+        cls, cfg = T.SeedOssForCausalLM, T.SeedOssConfig(**c)
+    elif name == "arcee":
+        cls, cfg = T.ArceeForCausalLM, T.ArceeConfig(**c)
+    elif name == "apertus":
+        cls, cfg = T.ApertusForCausalLM, T.ApertusConfig(**c)
+    elif name == "stablelm":  # partial rotary (a quarter of each head) and per-head q/k layernorm
+        c.pop("head_dim")
+        cls, cfg = T.StableLmForCausalLM, T.StableLmConfig(**c, qk_layernorm=True, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
     else:
         raise ValueError(name)
     cfg._attn_implementation = impl
@@ -63,6 +79,7 @@ def family_model(name: str, seed: int = 0, window: int = 100_000):
 
 
 FAMILIES = ["qwen3", "olmo2", "granite", "phi3", "gemma2", "gemma3"]
+FURTHER = ["olmo3", "ministral", "starcoder2", "seed_oss", "arcee", "apertus", "stablelm"]
 VARIANTS = ["qwen3-sliding", "qwen3-yarn", "mistral-sliding"]
 
 
@@ -75,7 +92,7 @@ def full_budget(**kw):
 SMALL = dict(block_size=8, topk_blocks=2, sink_tokens=4, local_tokens=16, prefill_chunk=24, selector="keys")
 
 
-@pytest.mark.parametrize("name", FAMILIES + VARIANTS)
+@pytest.mark.parametrize("name", FAMILIES + VARIANTS + FURTHER)
 def test_full_budget_equals_stock_logits(name):
     model = family_model(name)
     ids = torch.randint(3, 97, (2, 150), generator=torch.Generator().manual_seed(1))
@@ -89,7 +106,7 @@ def test_full_budget_equals_stock_logits(name):
     assert (out - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + FURTHER)
 def test_small_budget_generates_and_unwrap_is_bit_identical(name):
     model = family_model(name, seed=5)
     ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(3))
@@ -122,7 +139,7 @@ def test_full_budget_generate_equals_stock(name):
 
 
 @settings(max_examples=10, deadline=None)
-@given(name=st.sampled_from(FAMILIES), block=st.sampled_from([4, 8, 16]), sink=st.integers(0, 8),
+@given(name=st.sampled_from(FAMILIES + FURTHER), block=st.sampled_from([4, 8, 16]), sink=st.integers(0, 8),
        local=st.integers(0, 40), chunk=st.integers(1, 70), length=st.integers(1, 140))
 def test_full_budget_equals_stock_any_sizes(name, block, sink, local, chunk, length):
     model = family_model(name, seed=7)
@@ -136,29 +153,31 @@ def test_full_budget_equals_stock_any_sizes(name, block, sink, local, chunk, len
     assert (out - ref).abs().max().item() <= 1e-4
 
 
-def _model_rope(model, name, k, pos):
-    """``k`` [1, H, n, D] rotated by the model's own rotary embedding and apply_rotary_pos_emb at ``pos``."""
+def _model_rope(model, k, pos):
+    """``k`` [1, H, n, D] rotated by the model's own rotary embedding and apply_rotary_pos_emb at ``pos``
+    (the global layers' embedding where it has one per layer type; the leading dims only where partial)."""
     rot = model.model.rotary_emb
     pid = torch.as_tensor(pos)[None]
-    cos, sin = rot(k, pid, "full_attention") if name == "gemma3" else rot(k, pid)
+    cos, sin = rot(k, pid, "full_attention") if hasattr(rot, "layer_types") else rot(k, pid)
     mod = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
-    return mod.apply_rotary_pos_emb(k, k, cos, sin)[1]
+    r = cos.shape[-1]
+    return torch.cat([mod.apply_rotary_pos_emb(k[..., :r], k[..., :r], cos, sin)[1], k[..., r:]], dim=-1)
 
 
-@pytest.mark.parametrize("name", FAMILIES + ["qwen3-yarn"])
+@pytest.mark.parametrize("name", FAMILIES + FURTHER + ["qwen3-yarn"])
 def test_rerotation_equals_the_models_rope(name):
     """A key stored rotated at p and re-rotated by d is the model's key at p + d (the op's premise):
     partial rotary (phi3: the unrotated dims untouched), yarn's scaled cos/sin, gemma3's global base."""
     model = family_model(name)
     g = torch.Generator().manual_seed(0)
-    k = torch.randn(1, 2, 5, model.config.head_dim if hasattr(model.config, "head_dim") else 16, generator=g)
+    k = torch.randn(1, 2, 5, 16, generator=g)
     pos = torch.tensor([3, 40, 41, 200, 7])
     delta = torch.tensor([5, -30, 100, -199, 0])
-    stored = _model_rope(model, name, k, pos)
+    stored = _model_rope(model, k, pos)
     moved = rerotate(stored, delta, rope_inv_freq(model))
-    want = _model_rope(model, name, k, pos + delta)
+    want = _model_rope(model, k, pos + delta)
     assert (moved - want).abs().max().item() <= 1e-5
-    if name == "phi3":
+    if name in ("phi3", "stablelm"):
         r = 2 * rope_inv_freq(model).shape[0]
         assert r < k.shape[-1] and torch.equal(moved[..., r:], k[..., r:])
 
@@ -174,6 +193,9 @@ def test_refusals_name_the_reason():
     with pytest.raises(ValueError, match="ram_budget.*sliding-window layers"):
         ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL, ram_budget="1GB"))
     assert getattr(model, "_ctxmem", None) is None and "forward" not in vars(model)
+    helium = T.HeliumForCausalLM(T.HeliumConfig(**dict(COMMON, max_position_embeddings=4096)))
+    with pytest.raises(ValueError, match="'helium' is not supported.*interleaved RoPE"):
+        ctxmem.wrap(helium, ctxmem.MemoryConfig(**SMALL))
 
 
 def test_gemma2_explicit_numba_backend_says_why_not():

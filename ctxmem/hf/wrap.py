@@ -37,6 +37,13 @@ FAMILY_NOTES = {
               "layers keep their window exactly (only global layers retrieve)",
     "gemma3_text": "q/k norm, query_pre_attn_scalar scaling, sliding layers keep their window exactly with their "
                    "own RoPE base; global layers retrieve and re-rotate with the global frequencies",
+    "olmo3": "q/k RMSNorm before RoPE, sliding layers exact, global layers re-rotate with the global frequencies",
+    "ministral": "interleaved sliding layers keep their window exactly",
+    "starcoder2": "a sliding_window config makes every layer a window layer",
+    "seed_oss": "nothing beyond llama (biases on q/k/v)",
+    "arcee": "nothing beyond llama (ReLU^2 MLP)",
+    "apertus": "q/k RMSNorm before RoPE",
+    "stablelm": "partial rotary (rotary_ndims), optional per-head q/k layernorm before RoPE",
 }
 SUPPORTED_FAMILIES = tuple(FAMILY_NOTES)
 # Families refused with a reason of their own (beyond "not checked yet").
@@ -47,6 +54,15 @@ REFUSED_FAMILIES = {
     "cohere": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
     "cohere2": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
     "glm": "interleaved partial RoPE, not the rotate-half convention the op re-rotates",
+    "glm4": "interleaved partial RoPE, not the rotate-half convention the op re-rotates",
+    "helium": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
+    "ernie4_5": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
+    "exaone4": "its global layers carry no RoPE when sliding layers exist (NoPE); the op re-rotates every "
+               "retrieving layer with one set of frequencies",
+    "smollm3": "some layers carry no RoPE (no_rope_layers); the op re-rotates every retrieving layer with one "
+               "set of frequencies",
+    "hunyuan_v1_dense": "q/k layernorm after RoPE: a stored key's per-dimension norm weights do not commute "
+                        "with re-rotation",
 }
 # RoPE variants that are a pure rotation by position * inv_freq (re-rotation by a delta is exact). yarn
 # scales cos and sin by its attention factor: the stored key carries the scale, rotation is still exact.
