@@ -198,12 +198,20 @@ def test_refusals_name_the_reason():
         ctxmem.wrap(helium, ctxmem.MemoryConfig(**SMALL))
 
 
-def test_gemma2_explicit_numba_backend_says_why_not():
-    """The numba kernel has no soft-capping or window layers: asked for by name, the call fails naming them."""
-    model = family_model("gemma2")
-    ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL, backend="numba"))
-    try:
-        with pytest.raises(RuntimeError, match="numba.*(soft-capping|sliding-window)"):
-            model(torch.randint(3, 97, (1, 40)))
-    finally:
-        ctxmem.unwrap(model)
+@pytest.mark.parametrize("backend", ["numba", "batched"])
+def test_gemma2_and_phi3_on_each_cpu_backend(backend):
+    """Soft-capping, window layers and partial rotary run on the named backend (no fallback) and agree
+    with the reference backend under a small budget (real retrieval and re-rotation)."""
+    ids = torch.randint(3, 97, (1, 130), generator=torch.Generator().manual_seed(8))
+    for name in ("gemma2", "phi3"):
+        model = family_model(name, seed=2)
+        outs = {}
+        for be in (backend, "torch"):
+            ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL, backend=be))
+            try:
+                outs[be] = model(ids).logits
+                ran = model._ctxmem.last_memory.backends_run
+            finally:
+                ctxmem.unwrap(model)
+            assert set(ran) == {be}, ran
+        assert (outs[backend] - outs["torch"]).abs().max().item() <= 1e-4

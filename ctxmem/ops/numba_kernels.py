@@ -42,6 +42,12 @@ index (as the reference). Inputs must be finite (``fastmath``); NaN/inf in q/k/v
 not NaN. The kernels keep no state between calls (scratch is per task), so Python threads may call
 the op at once (it releases the GIL) and get what serial calls get (tested); they then share the cores.
 
+Per-layer options (``layout.py``), all runtime scalars (no extra specialisation): partial rotary
+(``len(inv_freq) < D/2``: the rotations turn the first ``2 * len(inv_freq)`` dims, the rest are
+copied), soft-capping (queries carry ``scaling`` only, each score tile becomes
+``softcap * log2(e) * tanh(s / softcap)`` before the maxima and the mask) and sliding-window layers
+(no selection; keys from ``max(0, p - window + 1)``, a band mask on the tiles that need it).
+
 Compilation: ``cache=True``, so only the first process on a machine compiles (~40 s for all four
 specialisations, decode/prefill x fp32/bf16, on this 2-core machine); later processes load the
 cache (< 1 s). The first call of each specialisation in a process pays that load (or compile);
@@ -311,6 +317,33 @@ def _causal_mask(S, rows, nk, kpos0, qpos0, G, mx):
 
 
 @njit(**_JIT)
+def _band_mask(S, rows, nk, kpos0, qpos0, G, W, mx):
+    """A sliding-window layer: row r (the query at position qp = qpos0 + r // G) sees keys at
+    (qp - W, qp]; mask the rest and recompute the row maxima (NEG for a row with nothing visible:
+    the online softmax's next real maximum rescales what it added by exp2(NEG - m) = 0)."""
+    for r in range(rows):
+        qp = qpos0 + r // G
+        hi = min(max(qp - kpos0 + 1, 0), nk)  # columns >= hi are in the future
+        lo = min(max(qp - W - kpos0 + 1, 0), nk)  # columns < lo are out of the window
+        mt = NEG
+        for j in range(nk):
+            if j < lo or j >= hi:
+                S[r, j] = NEG
+            else:
+                mt = max(mt, S[r, j])
+        mx[r] = mt
+
+
+@njit(**_JIT)
+def _softcap(S, rows, nk, cap2, inv_cap):
+    """Logit soft-capping in log2 units: S = cap * log2(e) * tanh(S / cap) (queries scaled by
+    ``scaling`` only, so S holds natural-unit logits before this)."""
+    for r in range(rows):
+        for j in range(nk):
+            S[r, j] = np.float32(cap2 * math.tanh(S[r, j] * inv_cap))
+
+
+@njit(**_JIT)
 def _rot_table(delta, invf, cs):
     """cs[:h] = cos, cs[h:] = sin of the fp32 angle delta * inv_freq (as the reference)."""
     h = invf.shape[0]
@@ -322,9 +355,9 @@ def _rot_table(delta, invf, cs):
 
 
 @njit(**_JIT)
-def _rotate_keys(K, p0, nk, D, cs, Ks):
-    """Ks[j] = rerotate(K[p0 + j]) with the table cs (rotate-half convention), in fp32."""
-    h = D // 2
+def _rotate_keys(K, p0, nk, D, h, cs, Ks):
+    """Ks[j] = rerotate(K[p0 + j]) with the table cs (rotate-half convention), in fp32: the first
+    2h dims turn (h = len(inv_freq); h < D/2 is partial rotary), the rest are copied."""
     for j in range(nk):
         kr = K[p0 + j]
         for i in range(h):
@@ -334,12 +367,13 @@ def _rotate_keys(K, p0, nk, D, cs, Ks):
             s = cs[h + i]
             Ks[j, i] = a * c - b * s
             Ks[j, h + i] = b * c + a * s
+        for d in range(2 * h, D):
+            Ks[j, d] = _ldf(kr, d)
 
 
 @njit(**_JIT)
-def _rotate_queries(Q, rows, D, cs, Qr):
-    """Qr = R(-delta) Q, so that Qr . k == Q . R(delta) k."""
-    h = D // 2
+def _rotate_queries(Q, rows, D, h, cs, Qr):
+    """Qr = R(-delta) Q, so that Qr . k == Q . R(delta) k (the first 2h dims; the rest copied)."""
     for r in range(rows):
         for i in range(h):
             a = Q[r, i]
@@ -348,6 +382,8 @@ def _rotate_queries(Q, rows, D, cs, Qr):
             s = cs[h + i]
             Qr[r, i] = a * c + b * s
             Qr[r, h + i] = b * c - a * s
+        for d in range(2 * h, D):
+            Qr[r, d] = Q[r, d]
 
 
 @njit(**_JIT)
@@ -431,12 +467,16 @@ def _group_selection(q, b, h, G, C, n, D, reps, R_, nmid, nsel, scaling, bias, h
 @njit(parallel=True, **_JIT)
 def _decode_kernel(q, kf, vf, ksb, ksh, vsb, vsh, cap, repsf, rsb, rsh, nb, R_,
                    lengths, n_new, S, topk, sink, local, scaling, invf, bias, has_bias,
-                   out, selected):
+                   window, softcap, out, selected):
     B, Hq, C, D = q.shape
     Hkv = selected.shape[1]
     G = Hq // Hkv
+    hr = invf.shape[0]  # rotated pairs (partial rotary: fewer than D / 2)
     rows = ((G + 1) // 2) * 2  # _qk_dec works on pairs of rows; PV/softmax on the G real ones
-    qscale = np.float32(scaling * LOG2E)
+    # scores in log2 units; with soft-capping the queries carry only ``scaling`` and _softcap converts
+    qscale = np.float32(scaling) if softcap > 0 else np.float32(scaling * LOG2E)
+    cap2 = np.float32(softcap * LOG2E)
+    inv_cap = np.float32(1.0 / softcap) if softcap > 0 else np.float32(0.0)
     for task in prange(B * Hkv):
         b = task // Hkv
         h = task - b * Hkv
@@ -445,10 +485,13 @@ def _decode_kernel(q, kf, vf, ksb, ksh, vsb, vsh, cap, repsf, rsb, rsh, nb, R_,
             continue
         L = lengths[b]
         t = L - n
-        s_end, nmid, local_start, nsel = _layout(t, S, topk, sink, local)
         sel = selected[b, h]
-        _group_selection(q, b, h, G, C, n, D, _plane(repsf, b * rsb + h * rsh, nb * R_, D), R_,
-                         nmid, nsel, scaling, bias, has_bias, sel)
+        if window > 0:  # a sliding-window layer: the last `window` keys, true positions, no selection
+            s_end, nmid, local_start, nsel = 0, 0, max(0, L - window), 0
+        else:
+            s_end, nmid, local_start, nsel = _layout(t, S, topk, sink, local)
+            _group_selection(q, b, h, G, C, n, D, _plane(repsf, b * rsb + h * rsh, nb * R_, D), R_,
+                             nmid, nsel, scaling, bias, has_bias, sel)
         Kp = _plane(kf, b * ksb + h * ksh, cap, D)
         Vp = _plane(vf, b * vsb + h * vsh, cap, D)
         Qs = np.zeros((rows, D), np.float32)
@@ -481,13 +524,16 @@ def _decode_kernel(q, kf, vf, ksb, ksh, vsb, vsh, cap, repsf, rsb, rsh, nb, R_,
                 continue
             if delta != 0:
                 _rot_table(delta, invf, cs)
-                _rotate_queries(Qs, rows, D, cs, Qr)
+                _rotate_queries(Qs, rows, D, hr, cs, Qr)
                 Qx = Qr
             else:
                 Qx = Qs
             for j0 in range(0, cnt, TK):
                 nk = min(TK, cnt - j0)
                 _qk_dec(Qx, rows, Kp, p0 + j0, nk, D, Sc, mx)
+                if softcap > 0:
+                    _softcap(Sc, rows, nk, cap2, inv_cap)
+                    _rowmax(Sc, rows, nk, mx)
                 _softmax_step(Sc, G, nk, mx, m, l, O, D)
                 _pv(Sc, G, Vp, p0 + j0, nk, D, O)
         for g in range(G):
@@ -501,7 +547,7 @@ def _decode_kernel(q, kf, vf, ksb, ksh, vsb, vsh, cap, repsf, rsb, rsh, nb, R_,
 
 @njit(parallel=True, **_JIT)
 def _prefill_select(q, repsf, rsb, rsh, nb, R_, lengths, n_new, S, topk, sink, local,
-                    scaling, invf, bias, has_bias, selected, rot):
+                    scaling, invf, bias, has_bias, window, selected, rot):
     """Phase 1: per (row, KV head) selection + cos/sin tables (slot 0 sinks, 1+i block i)."""
     B, Hq, C, D = q.shape
     Hkv = selected.shape[1]
@@ -510,7 +556,7 @@ def _prefill_select(q, repsf, rsb, rsh, nb, R_, lengths, n_new, S, topk, sink, l
         b = task // Hkv
         h = task - b * Hkv
         n = n_new[b]
-        if n == 0:
+        if n == 0 or window > 0:  # (a sliding-window layer selects nothing)
             continue
         t = lengths[b] - n
         s_end, nmid, local_start, nsel = _layout(t, S, topk, sink, local)
@@ -524,12 +570,14 @@ def _prefill_select(q, repsf, rsb, rsh, nb, R_, lengths, n_new, S, topk, sink, l
 
 @njit(parallel=True, **_JIT)
 def _prefill_attend(q, kf, vf, ksb, ksh, vsb, vsh, cap, lengths, n_new, S, topk, sink,
-                    local, scaling, tq, tasks, selected, rot, out):
+                    local, scaling, hr, window, softcap, tq, tasks, selected, rot, out):
     """Phase 2: one task per (row, KV head, tile of tq query positions x G heads)."""
     B, Hq, C, D = q.shape
     Hkv = selected.shape[1]
     G = Hq // Hkv
-    qscale = np.float32(scaling * LOG2E)
+    qscale = np.float32(scaling) if softcap > 0 else np.float32(scaling * LOG2E)
+    cap2 = np.float32(softcap * LOG2E)
+    inv_cap = np.float32(1.0 / softcap) if softcap > 0 else np.float32(0.0)
     for ti in prange(tasks.shape[0]):
         b = tasks[ti, 0]
         h = tasks[ti, 1]
@@ -537,7 +585,10 @@ def _prefill_attend(q, kf, vf, ksb, ksh, vsb, vsh, cap, lengths, n_new, S, topk,
         n = n_new[b]
         L = lengths[b]
         t = L - n
-        s_end, nmid, local_start, nsel = _layout(t, S, topk, sink, local)
+        if window > 0:  # a sliding-window layer: from the first key the tile's first query sees
+            s_end, nmid, local_start, nsel = 0, 0, max(0, t + i0 - window + 1), 0
+        else:
+            s_end, nmid, local_start, nsel = _layout(t, S, topk, sink, local)
         npos = min(tq, n - i0)
         rows = npos * G
         Kp = _plane(kf, b * ksb + h * ksh, cap, D)
@@ -576,12 +627,17 @@ def _prefill_attend(q, kf, vf, ksb, ksh, vsb, vsh, cap, lengths, n_new, S, topk,
                 nk = min(TK, cnt - j0)
                 Sc = Sbuf[:rows * nk].reshape((rows, nk))
                 if moved:
-                    _rotate_keys(Kp, p0 + j0, nk, D, rot[b, h, reg + 1], Ks)
+                    _rotate_keys(Kp, p0 + j0, nk, D, hr, rot[b, h, reg + 1], Ks)
                     np.dot(Qs, Ks[:nk].T, Sc)
                 else:
                     np.dot(Qs, _tile(Kp, p0 + j0, nk, Ks).T, Sc)
+                if softcap > 0:
+                    _softcap(Sc, rows, nk, cap2, inv_cap)
                 _rowmax(Sc, rows, nk, mx)
-                if p0 + j0 + nk - 1 > qpos0:
+                if window > 0:
+                    if p0 + j0 + nk - 1 > qpos0 or p0 + j0 <= qlast - window:
+                        _band_mask(Sc, rows, nk, p0 + j0, qpos0, G, window, mx)
+                elif p0 + j0 + nk - 1 > qpos0:
                     _causal_mask(Sc, rows, nk, p0 + j0, qpos0, G, mx)
                 _softmax_step(Sc, rows, nk, mx, m, l, O, D)
                 np.dot(Sc, _tile(Vp, p0 + j0, nk, Vs), T)
@@ -642,9 +698,8 @@ def _split_tasks(n_new: np.ndarray, Hkv: int, tq: int) -> np.ndarray:
 
 def retrieval_attention_numba(q, k, v, reps, lengths, n_new, params: OpParams, inv_freq, bias=None):
     """numba implementation of ``retrieval_attention_ref`` (same signature and results)."""
-    why = option_reasons(OpCall(q, k, v, reps, lengths, n_new, params, inv_freq, bias), "numba")
-    if why:
-        raise ValueError("; ".join(why))
+    from .rope import rotary_dim
+    rotary_dim(inv_freq, q.shape[-1])  # (raises on frequencies that do not fit a head)
     B, Hq, C, D = q.shape
     Hkv, cap = k.shape[1], k.shape[2]
     if q.numel() == 0 or k.numel() == 0:
@@ -675,6 +730,9 @@ def retrieval_attention_numba(q, k, v, reps, lengths, n_new, params: OpParams, i
     selected = np.full((B, Hkv, topk), -1, np.int64)
     scaling = float(params.scaling)
     sink, local = int(params.sink), int(params.local)
+    hr = int(invf.shape[0])
+    window = int(params.window or 0)
+    softcap = float(params.softcap or 0.0)
     if C == 1:
         span = sink + topk * S + local + S
         nmid = max(0, (int(lens.max(initial=0)) - local - sink) // S)
@@ -684,19 +742,19 @@ def retrieval_attention_numba(q, k, v, reps, lengths, n_new, params: OpParams, i
             numba.set_num_threads(1)
         try:
             _decode_kernel(q32, kf, vf, kst[0], kst[1], vst[0], vst[1], cap, rf, rst[0], rst[1], nb,
-                           R_, lens, nn, S, topk, sink, local, scaling, invf, b32, has_bias, out,
-                           selected)
+                           R_, lens, nn, S, topk, sink, local, scaling, invf, b32, has_bias,
+                           window, softcap, out, selected)
         finally:
             numba.set_num_threads(threads)
     else:
         rot = np.zeros((B, Hkv, topk + 1, D), np.float32)
         _prefill_select(q32, rf, rst[0], rst[1], nb, R_, lens, nn, S, topk, sink, local, scaling,
-                        invf, b32, has_bias, selected, rot)
+                        invf, b32, has_bias, window, selected, rot)
         tq = max(1, min(TQ_ROWS, SGEMM_SERIAL_MNK // (TK * D)) // G)
         tasks = _split_tasks(nn, Hkv, tq)
         if tasks.shape[0]:
             _prefill_attend(q32, kf, vf, kst[0], kst[1], vst[0], vst[1], cap, lens, nn, S, topk,
-                            sink, local, scaling, tq, tasks, selected, rot, out)
+                            sink, local, scaling, hr, window, softcap, tq, tasks, selected, rot, out)
     o = torch.from_numpy(out)
     return (o if q.dtype == torch.float32 else o.to(q.dtype)), torch.from_numpy(selected)
 
@@ -723,7 +781,7 @@ def warmup() -> None:
 
 def _reasons(call) -> list[str]:
     first = _unsupported(call.q)
-    return [first] if first else option_reasons(call, "numba")
+    return [first] if first else option_reasons(call, "numba", softcap=True, window=True, partial_rotary=True)
 
 
 register_backend("numba", retrieval_attention_numba, _reasons)
