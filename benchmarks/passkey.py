@@ -62,16 +62,13 @@ def run(args):
     haystacks = args.haystacks.split(",")
     rows = []
 
-    emb = None
+    emb = ctxmem.load_embedder("minilm")  # once: ctxmem's selector and RAG share it
 
     def one(method, kind, n, d, i):
-        nonlocal emb
         key = passkey_key(1000 * i + n)
         body = passkey_body(tok, kind, n, d, key, seed=i)
         extra = {}
         if method == "rag":  # plain RAG: the stock model reads the best chunks instead of the haystack
-            if emb is None:
-                emb = ctxmem.load_embedder("minilm")
             pick = rag_retrieve(body, PASSKEY_QUESTION, emb, k=args.rag_k, chunk_tokens=args.rag_chunk,
                                 overlap=args.rag_overlap)
             extra = dict(pick.describe(), rag_hit=passkey_needle(key).strip() in pick.text,
@@ -92,23 +89,37 @@ def run(args):
     for spec in args.variant:  # NAME:KEY=VALUE,KEY=VALUE: another ctxmem config on the same prompts
         name, over = parse_variant(spec)
         variants[name] = ctxmem.MemoryConfig(**{**args.config, **over})
-    for method, vcfg in variants.items():
-        ctxmem.wrap(model, vcfg, tokenizer=tok)
-        for kind in haystacks:
-            for n in lengths:
-                for i, d in enumerate(real_depths if kind == "real" else depths):
-                    one(method, kind, n, d, i)
-        ctxmem.unwrap(model)
-    if args.rag:  # plain RAG, the unwrapped model, every prompt of the ctxmem sweep
-        for kind in haystacks:
-            for n in lengths:
-                for i, d in enumerate(real_depths if kind == "real" else depths):
-                    one("rag", kind, n, d, i)
-    # the stock model: full sweep where it is affordable, one timing point beyond
+    skip = {tuple(x.split("@")) for x in args.skip}  # (method, length) pairs run on the first depths only
+
+    def depth_list(kind, method, n):
+        ds = real_depths if kind == "real" else depths
+        return ds[:args.skip_keep] if (method, str(n)) in skip else ds
+
+    def partial():
+        write_json(args.out, dict(machine=machine(), partial=True, config=cfg.to_dict(), rows=rows,
+                                  summary=summarize(rows)))
+
+    # every method on one prompt before the next prompt: methods share the machine's load alike
     for kind in haystacks:
-        for n in [x for x in [args.stock_ref] if x > 0] + [x for x in lengths if x <= args.stock_max]:
+        for n in lengths:
             for i, d in enumerate(real_depths if kind == "real" else depths):
-                one("stock", kind, n, d, i)
+                for method, vcfg in variants.items():
+                    if d in depth_list(kind, method, n):
+                        ctxmem.wrap(model, vcfg, tokenizer=tok, embedder=emb)
+                        try:
+                            one(method, kind, n, d, i)
+                        finally:
+                            ctxmem.unwrap(model)
+                if args.rag and d in depth_list(kind, "rag", n):  # plain RAG, the unwrapped model
+                    one("rag", kind, n, d, i)
+                if n <= args.stock_max or (n == args.stock_ref and args.stock_ref > 0):
+                    one("stock", kind, n, d, i)
+                partial()
+    # the stock model's own reference length, and one timing point beyond the sweep
+    for kind in haystacks:
+        if args.stock_ref > 0 and args.stock_ref not in lengths:
+            for i, d in enumerate(real_depths if kind == "real" else depths):
+                one("stock", kind, args.stock_ref, d, i)
         for n in [x for x in lengths if args.stock_max < x <= args.stock_time_max]:
             if kind == haystacks[0]:
                 one("stock", kind, n, 0.5, 0)
@@ -224,6 +235,9 @@ def main():
     p.add_argument("--rag-k", type=int, default=RAG_TOP_K, help="chunks RAG reads")
     p.add_argument("--rag-chunk", type=int, default=RAG_CHUNK_TOKENS, help="RAG chunk size, embedder tokens")
     p.add_argument("--rag-overlap", type=int, default=RAG_OVERLAP, help="tokens consecutive RAG chunks share")
+    p.add_argument("--skip", action="append", default=[], metavar="METHOD@LENGTH",
+                   help="run METHOD at LENGTH on the first --skip-keep depths only (for time)")
+    p.add_argument("--skip-keep", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--out", default="passkey")
     args = p.parse_args()

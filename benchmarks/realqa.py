@@ -18,6 +18,8 @@ Methods (greedy decoding, the bundled SmolLM2-135M-Instruct, trained window 8K):
                    document, same prompt; time includes chunking and embedding the document
   ctxmem+reread    ctxmem reading the whole document, plus RAG's picked text placed again as plain text
                    after it, just before the question ("Excerpts that may help:"); time includes RAG's
+  reread           the product feature: the default MemoryConfig with reread_tokens=512 (ctxmem ranks its
+                   own blocks against the question and reads the best again before it; no RAG involved)
 
 Writes benchmarks/results/OUT.json (every answer, summaries, machine, wall time) and OUT.png
 (score by method and length per question type; seconds per answer).
@@ -39,11 +41,12 @@ from benchmarks.common import (RAG_CHUNK_TOKENS, RAG_OVERLAP, RAG_TOP_K, RESULTS
 from benchmarks.tasks import ChatFrame
 from benchmarks.tasks import realqa as rq
 
-METHODS = ["stock", "streaming", "ctxmem", "rag", "ctxmem+reread"]
+METHODS = ["stock", "streaming", "ctxmem", "rag", "ctxmem+reread", "reread"]
 LABELS = {"stock": "stock (8K window)", "streaming": "StreamingLLM", "ctxmem": "ctxmem", "rag": "plain RAG",
-          "ctxmem+reread": "ctxmem+reread"}
+          "ctxmem+reread": "ctxmem+RAG's picks", "reread": "ctxmem, reread_tokens=512"}
 COLORS = {"stock": "#7f7f7f", "streaming": "#ff7f0e", "ctxmem": "#1f77b4", "rag": "#d62728",
-          "ctxmem+reread": "#9467bd"}
+          "ctxmem+reread": "#9467bd", "reread": "#2ca02c"}
+REREAD_TOKENS = 512  # the pre-registered candidate (benchmarks/preregistered/reread.md)
 REREAD = "\n\nExcerpts from the document that may help:\n"
 
 
@@ -64,7 +67,7 @@ def method_ids(method: str, sample, tok, emb, window: int) -> tuple[list[int], d
     if method == "stock":
         ids = stock_ids(sample, window)
         return ids, dict(truncated=len(ids) < len(sample.ids))
-    if method in ("streaming", "ctxmem"):
+    if method in ("streaming", "ctxmem", "reread"):
         return list(sample.ids), {}
     pick = rag_retrieve(sample.document, sample.question, emb)
     info = dict(pick.describe(), rag_has_answers=[a in pick.text for a in sample.answers] if sample.qtype != "count" else None)
@@ -124,9 +127,11 @@ def run(args) -> dict:
         return result
 
     for method in args.methods:
-        wrapped = method in ("streaming", "ctxmem", "ctxmem+reread")
+        wrapped = method in ("streaming", "ctxmem", "ctxmem+reread", "reread")
         if wrapped:
             cfg = method_config("streaming", base) if method == "streaming" else base
+            if method == "reread":
+                cfg = ctxmem.MemoryConfig(**{**base.to_dict(), "reread_tokens": REREAD_TOKENS})
             ctxmem.wrap(model, cfg, tokenizer=tok, embedder=emb)
         try:
             ids, _ = method_ids(method, w, tok, emb, window)

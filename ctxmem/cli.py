@@ -117,6 +117,9 @@ def cmd_ask(args) -> int:
         report["reader"] = getattr(state.reader, "source", None)  # the adapter used for the answer, if any
         # which implementation of the fused op ran (layer calls per backend): cuda, numba, batched or torch
         report["backends"] = dict(getattr(state.last_memory, "backends_run", None) or {})
+        reread = getattr(state.last_memory, "reread_ids", None)
+        if reread and reread[0]:  # the passages read again before the question (MemoryConfig.reread_tokens)
+            report["reread"] = {"tokens": len(reread[0]), "text": tok.decode(reread[0])}
     if memory_report:
         report["memory"] = memory_report
     if knowledge_report:
@@ -128,6 +131,8 @@ def cmd_ask(args) -> int:
         mem = f" · memory {memory_report['action']} ({memory_report['seconds']:.1f} s)" if memory_report else ""
         if knowledge_report:
             mem += f" · knowledge as {knowledge_report['summary_positions']} summary positions"
+        if report.get("reread"):
+            mem += f" · {report['reread']['tokens']} tokens of passages read again"
         print(f"-- {len(ids):,} context tokens · answered in {t_answer:.1f} s "
               f"({report['tokens_per_second_read']:,.0f} tok/s) · peak RSS {peak:,.0f} MB · {report['mode']}"
               f"{' (' + ', '.join(report['backends']) + ')' if report.get('backends') else ''}{mem}",

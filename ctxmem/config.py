@@ -74,6 +74,16 @@ class MemoryConfig:
     cold_dtype      how blocks leaving the live tail are stored when ram_budget is set:
                     "fp16" (default), "int8" (per-channel scales) or "fp32" (exact)
     offload_dir     folder for the cold file (default: the system temp folder)
+    reread_tokens   0 = off. Else: when a question follows a long input (or a saved memory), the
+                    embedder ranks the input's blocks against the question's text, and up to this
+                    many tokens of the best blocks (each with ``embed_neighbors`` neighbours, in
+                    document order) are read again as fresh text just before the question, in the
+                    question's own chunk, so the question and the first answer tokens attend them
+                    densely ("the knowledge path applied to the context itself"). Needs the embed
+                    selector (a tokenizer and an embedder). The question is the text after the
+                    prompt's last blank line within its final ``reread_question_max`` tokens.
+    reread_question_max  the longest question tail (tokens) searched for that blank line; without
+                    one, the last ``query_tokens`` tokens count as the question
     reader          a LoRA adapter (``ctxmem.reader``) switched on for question chunks and decode
                     steps only: "auto" (the default) = the one ``load_model`` attached to a bundled
                     model (SmolLM2: "smollm2-reader"; other models have none), None = none, else a
@@ -100,6 +110,8 @@ class MemoryConfig:
     ram_budget: int | str | None = None
     cold_dtype: str = "fp16"
     offload_dir: str | None = None
+    reread_tokens: int = 0
+    reread_question_max: int = 256
     reader: str | None = "auto"
 
     def __post_init__(self):
@@ -113,10 +125,11 @@ class MemoryConfig:
         def whole(val, least: int) -> bool:  # an int (not a bool) of at least ``least``
             return isinstance(val, int) and not isinstance(val, bool) and val >= least
 
-        for name in ("block_size", "prefill_chunk", "reps_per_block", "query_tokens", "max_context"):
+        for name in ("block_size", "prefill_chunk", "reps_per_block", "query_tokens", "max_context",
+                     "reread_question_max"):
             val = getattr(self, name)
             need(whole(val, 1), f"{name} must be a positive integer, got {val!r}")
-        for name in ("topk_blocks", "sink_tokens", "local_tokens", "embed_hits", "embed_neighbors"):
+        for name in ("topk_blocks", "sink_tokens", "local_tokens", "embed_hits", "embed_neighbors", "reread_tokens"):
             val = getattr(self, name)
             need(whole(val, 0), f"{name} must be a non-negative integer, got {val!r}")
         for name in ("prefill_topk", "prefill_local", "gpu_prefill_chunk"):
@@ -160,7 +173,9 @@ class MemoryConfig:
     def span(self, chunk: int | None = None) -> int:
         """Largest query-key distance (in positions) ctxmem can present to the model, reading in
         chunks of ``chunk`` tokens (default ``prefill_chunk``)."""
-        reach = max(self.topk_blocks * self.block_size + self.local_tokens,  # question and decode steps
+        # question and decode steps (their local window stretches over the reread text and the question)
+        reread = self.reread_tokens + self.reread_question_max if self.reread_tokens else 0
+        reach = max(self.topk_blocks * self.block_size + self.local_tokens + reread,
                     self.prefill_topk_blocks * self.block_size + self.prefill_local_tokens)  # body chunks
         return self.sink_tokens + reach + self.block_size + (self.prefill_chunk if chunk is None else chunk)
 

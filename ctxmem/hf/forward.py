@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..memory.text_index import excerpt_spans
+from ..ops import OpParams, middle_blocks
 from . import attention
 from .cache import MemoryCache
 from .state import WrapState, new_cache
@@ -11,6 +13,11 @@ from .state import WrapState, new_cache
 # What a summary token (compressed knowledge) stands for in a memory's token ids: it has no text of its
 # own, so the block selector's text view decodes it to nothing. (-1 marks rows fed as inputs_embeds.)
 SUMMARY_ID = -2
+
+# The text around passages read again before a question (MemoryConfig.reread_tokens).
+REREAD_HEADER = "Passages from the text above that may help:\n"
+REREAD_SEPARATOR = "\n...\n"
+REREAD_FOOTER = "\n\n"
 
 
 def chunk_size(model, cfg) -> int:
@@ -180,6 +187,100 @@ class ChunkedForward:
         self.read_embedded_prefix(cache, [self.summary_row(far, near) if ids else None], "ctxmem: reading context", {})
         return len(far)
 
+    # -- reread: the best passages of what was read, read again just before the question ---------------
+    def question_tail(self, cache, input_ids: torch.Tensor, valid: torch.Tensor) -> int:
+        """How many of the input's last tokens are the question, when this forward should reread; else 0.
+
+        A row's question is what follows the last blank line within its final ``reread_question_max``
+        tokens (the last ``query_tokens`` without one); rows share the longest. Reread runs for a prompt
+        (not a decode step, not a call that wants every position's logits) whose memory holds more
+        blocks than a question attends, when the embed selector is on."""
+        cfg = self.cfg
+        B, L = input_ids.shape
+        if not cfg.reread_tokens or cache.text_index is None or L < 2:
+            return 0
+        had = cache.real_lengths() if cache.token_ids else [0] * B
+        probe = OpParams(cfg.block_size, cfg.topk_blocks, cfg.sink_tokens, cfg.local_tokens, 1.0)
+        tails = []
+        for b in range(B):
+            ids = input_ids[b][valid[b]].tolist()
+            t = self._tail_length(ids[-cfg.reread_question_max:], whole=had[b] > 0)
+            if middle_blocks(had[b] + len(ids) - t, probe) > cfg.topk_blocks:
+                tails.append(t)
+        return min(max(tails), L) if tails else 0
+
+    def _tail_length(self, ids: list[int], whole: bool = False) -> int:
+        """Tokens after the last blank line in ``ids`` (a token holding it and the question's first
+        word counts as the question's). Without one: all of ``ids`` when ``whole`` (a question asked of
+        a memory read before), else the last ``query_tokens``."""
+        pieces = self.state.tokenizer.batch_decode([[t] for t in ids])
+        for j in range(len(pieces) - 1, -1, -1):
+            blank = "\n\n" in pieces[j] or (j > 0 and pieces[j - 1].endswith("\n") and pieces[j].startswith("\n"))
+            if blank:
+                start = j + 1 if pieces[j].rstrip(" \t").endswith("\n") else j
+                if 0 < len(ids) - start < len(ids):
+                    return len(ids) - start
+                break
+        return len(ids) if whole else min(self.cfg.query_tokens, len(ids) - 1)
+
+    def passages(self, cache, b: int, query: str) -> list[int]:
+        """Row ``b``'s reread: the header, then its best-ranked blocks (with neighbours, merged, in
+        document order) as token ids, within ``reread_tokens`` in all; [] when there is nothing to add."""
+        cfg, tok = self.cfg, self.state.tokenizer
+        ids = cache.token_ids[b]
+        S, sink = cfg.block_size, cfg.sink_tokens
+        probe = OpParams(S, cfg.topk_blocks, sink, cfg.local_tokens, 1.0)
+        if not ids or ids[0] == -1 or middle_blocks(len(ids), probe) <= cfg.topk_blocks or not query.strip():
+            return []  # a row fed as inputs_embeds has no text; a short one is attended whole anyway
+        enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        head, sep, foot = enc(REREAD_HEADER), enc(REREAD_SEPARATOR), enc(REREAD_FOOTER)
+        budget = (cfg.reread_tokens - len(head) - len(foot)) // (S + len(sep))
+        nblocks = (len(ids) - sink) // S
+        if budget < 1 or nblocks < 1:
+            return []
+        sims = cache.text_index.similarities(b, ids, nblocks, sink, S, query)
+        out = list(head)
+        for i, (a, e) in enumerate(excerpt_spans(sims, budget, cfg.embed_neighbors)):
+            out += (sep if i else []) + [t for t in ids[sink + a * S: sink + e * S] if t >= 0]
+        return out + foot
+
+    def read_question_with_passages(self, cache, tail_ids: torch.Tensor, tail_valid: torch.Tensor, keep, kwargs):
+        """Read each row's passages and its question as one chunk (the question attends the passages
+        densely); the passages are hidden tokens (``hidden_prefix`` counts them), the question counts."""
+        tok = self.state.tokenizer
+        B, T = tail_ids.shape
+        rows = []
+        for b in range(B):
+            q = tail_ids[b][tail_valid[b]].tolist()
+            rows.append(self.passages(cache, b, tok.decode(q, skip_special_tokens=True)) + q)
+        W = max(len(r) for r in rows)
+        ids = torch.zeros(B, W, dtype=torch.long)
+        valid = torch.zeros(B, W, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            if r:
+                ids[b, W - len(r):] = torch.tensor(r)
+                valid[b, W - len(r):] = True
+        before = cache.real_lengths()
+        hidden = [len(r) - int(tail_valid[b].sum()) for b, r in enumerate(rows)]
+        pos = _positions(before, valid).to(tail_ids.device)
+        cache.begin_chunk(ids, valid, question=True)
+        cache.reread_from = before  # decode steps keep the passages and the question in their local window
+        cache.reread_ids = [r[:h] for r, h in zip(rows, hidden)]  # what each row read again (ask --json shows it)
+        cache.hidden_prefix = [h + n for h, n in zip(cache.hidden_prefix or [0] * B, hidden)]
+        cache.pending = W
+        if self.state.reader is not None:
+            self.state.reader.set(True)
+        try:
+            with attention.active_memory(cache):
+                out = self.orig_forward(input_ids=ids.to(tail_ids.device), attention_mask=None, position_ids=pos,
+                                        cache=cache, use_cache=True, logits_to_keep=keep, **kwargs)
+        finally:
+            cache.pending = 0
+            if self.state.reader is not None:
+                self.state.reader.set(False)
+        cache.end_chunk(T)  # the HF view grows by the question's width: what generate fed
+        return out.logits
+
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                  labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
         """The stock forward's signature; any length. A fresh ``MemoryCache`` unless one is passed."""
@@ -227,8 +328,15 @@ class ChunkedForward:
         if not keep_all:
             s, e = _chunk_bounds(L, chunk_size(self.model, self.cfg))[-1]
             keep_all = keep > e - s  # asks for more than the last chunk holds
-        logits = self.read_chunks(cache, input_ids, inputs_embeds, valid, question=True, counted=True,
-                                  keep_all=keep_all, keep=0 if keep_all else keep, kwargs=kwargs)
+        tail = 0 if keep_all or input_ids is None else self.question_tail(cache, input_ids, valid)
+        if tail:  # reread: the body first, then passages of it again in the question's own chunk
+            if tail < L:
+                self.read_chunks(cache, input_ids[:, :L - tail], None, valid[:, :L - tail], question=False,
+                                 counted=True, keep_all=False, keep=1, kwargs=kwargs)
+            logits = self.read_question_with_passages(cache, input_ids[:, L - tail:], valid[:, L - tail:], keep, kwargs)
+        else:
+            logits = self.read_chunks(cache, input_ids, inputs_embeds, valid, question=True, counted=True,
+                                      keep_all=keep_all, keep=0 if keep_all else keep, kwargs=kwargs)
         loss = None
         if labels is not None:
             loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.model.config.vocab_size)

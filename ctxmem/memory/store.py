@@ -37,7 +37,11 @@ class BlockStore:
         self.inv_freq = inv_freq.detach().float().cpu()
         self.seen = 0  # tokens fed so far, padding included (the HF view)
         self.pending = 0  # tokens the read in progress has still to add (sizes the KV buffers)
-        self.hidden_prefix: list[int] | None = None  # knowledge tokens read before the prompt, per row
+        # tokens read that the HF view does not count, per row: the knowledge prefix read before the
+        # prompt, and passages read again before a question (``MemoryConfig.reread_tokens``)
+        self.hidden_prefix: list[int] | None = None
+        self.reread_from: list[int] | None = None  # where each row's reread passages start (token index)
+        self.reread_ids: list[list[int]] | None = None  # the latest question's reread passages, per row
         self.token_ids: list[list[int]] = []
         self.n_new = torch.zeros(0, dtype=torch.long)
         self.bias: torch.Tensor | None = None
@@ -114,6 +118,13 @@ class BlockStore:
                 self.token_ids[b].extend(ids[b, C - n:].tolist() if ids is not None else [-1] * n)
         self.topk = self.cfg.topk_blocks if question else self.cfg.prefill_topk_blocks
         self.local = self.cfg.local_tokens if question else self.cfg.prefill_local_tokens
+        if question and self.reread_from is not None and not self.tiered:
+            # decode steps after a reread keep the passages and the question in their local window,
+            # up to the most the span allows (MemoryConfig.span); later the window slides as usual.
+            # (The bounded-RAM tier spills by one fixed window: there decode finds them by retrieval.)
+            cap = self.cfg.local_tokens + self.cfg.reread_tokens + self.cfg.reread_question_max
+            since = max(t - r for t, r in zip(t_before, self.reread_from))
+            self.local = max(self.local, min(since, cap))
         self.bias = None
         self._on_device = {k: v for k, v in self._on_device.items() if k[0] != "bias"}
         if question and self.text_index is not None and self.topk > 0:

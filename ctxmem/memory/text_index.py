@@ -56,6 +56,11 @@ class BlockTextIndex:
             self.rows[row] = have
         return have[:nblocks]
 
+    def similarities(self, row: int, ids: list[int], nblocks: int, sink: int, S: int, query: str) -> torch.Tensor:
+        """Cosine similarity [nblocks] of the row's first ``nblocks`` blocks to ``query``'s text."""
+        emb = self.ensure(row, ids, nblocks, sink, S)
+        return emb @ self._encode([query])[0]
+
     def vote(self, row: int, ids: list[int], nmid: int, sink: int, S: int, *, query_tokens: int,
              hits: int, neighbors: int, margin: float | None = None) -> tuple[torch.Tensor, int]:
         """(bias [nmid], blocks voted): +1e4 + similarity on the top ``hits`` blocks and their
@@ -73,3 +78,32 @@ class BlockTextIndex:
             for n in range(max(0, j - neighbors), min(nmid, j + neighbors + 1)):
                 bias[n] = max(float(bias[n]), _FORCED + float(sims[n]))
         return bias, int((bias > 0).sum())
+
+
+def excerpt_spans(sims: torch.Tensor, budget_blocks: int, neighbors: int) -> list[tuple[int, int]]:
+    """The blocks to read again, as spans ``[a, e)`` of block indices in document order.
+
+    Blocks are taken in order of similarity, each with ``neighbors`` blocks on either side (cut at
+    the ends); a candidate whose new blocks would exceed ``budget_blocks`` is skipped (a later one
+    overlapping what is chosen may still fit), except that the best block alone always fits a
+    budget of one. Adjacent or overlapping choices merge into one span.
+    """
+    n = int(sims.shape[0])
+    if n == 0 or budget_blocks <= 0:
+        return []
+    chosen: set[int] = set()
+    for j in torch.argsort(sims, descending=True, stable=True).tolist():
+        new = set(range(max(0, j - neighbors), min(n, j + neighbors + 1))) - chosen
+        if not chosen and len(new) > budget_blocks:
+            new = {j}  # the best block fits even when its neighbours do not
+        if len(chosen) + len(new) <= budget_blocks:
+            chosen |= new
+        if len(chosen) >= budget_blocks:
+            break
+    spans: list[tuple[int, int]] = []
+    for j in sorted(chosen):
+        if spans and spans[-1][1] == j:
+            spans[-1] = (spans[-1][0], j + 1)
+        else:
+            spans.append((j, j + 1))
+    return spans
