@@ -11,7 +11,17 @@ Both in the same process, interleaved, model loaded once; target: (b) <= 1.1 x (
     target p99 <= 5 ms with recall@10 >= 0.95. The searches go through the same
     ``ann.Searcher`` the KB uses.
 
-Writes benchmarks/results/index.json and benchmarks/results/index.png.
+(f) retrieval quality on a real KB (MiniLM, ~3000 chunks of this venv's installed packages'
+    sources and docs and the standard library): known-item queries (a line copied from a chunk,
+    an identifier from code) and paraphrase queries (a prose line reworded by a fixed synonym
+    rule written before any result was seen), recall@1 and @10 for dense, lexical and hybrid
+    search; targets: known-item hybrid R@1 >= 0.95, paraphrase hybrid R@10 within 0.02 of dense.
+(g) the lexical index at 100K and 1M chunks of the same kind of real text (fixed 400-character
+    chunks): build time, size, known-item recall of BM25 alone, and search p99 of dense (on
+    synthetic vectors: embedding 1M chunks takes hours here), lexical, fusion and hybrid;
+    target hybrid p99 <= 10 ms at 1M.
+
+Writes benchmarks/results/index.json, index.png and index_retrieval.png.
 
 ``--engine ray`` measures the Ray engine instead (benchmarks/results/index_ray.json/.png):
 (d) build throughput on one local Ray cluster with 1 and 2 embedder workers (one CPU and one
@@ -23,6 +33,7 @@ These are the inputs of the 100-node / 10B-token model in the README.
     python benchmarks/index.py                       # defaults: ~120 chunks x 4, 100K and 1M vectors
     python benchmarks/index.py --sizes 100000 --chunks 100 --kinds hnsw   # quick
     python benchmarks/index.py --engine ray --chunks 240 --workers 1,2     # the Ray engine
+    python benchmarks/index.py --skip-build --skip-ann                    # (f) and (g) only
 """
 from __future__ import annotations
 
@@ -357,6 +368,404 @@ def scale_model(r: dict, nodes: int = 100, cores_per_node: int = 16, tokens: flo
     }
 
 
+# ----------------------------------------------------------------------------- retrieval quality (f, g)
+
+TEXT_SUFFIXES = {".py", ".pyi", ".md", ".rst", ".h", ".hpp", ".cuh", ".c", ".cpp"}
+
+# The paraphrase rule, fixed before any result was looked at: lowercase, drop punctuation, and
+# replace every word found in this hand-written table by its entry (words of the same meaning
+# in a technical text); a sentence is used only when at least 40% of its words of four letters
+# or more are replaced.
+SYNONYMS = {
+    "function": "routine", "functions": "routines", "method": "procedure", "methods": "procedures",
+    "return": "give back", "returns": "gives back", "returned": "given back", "value": "quantity",
+    "values": "quantities", "file": "document", "files": "documents", "directory": "folder",
+    "create": "make", "creates": "makes", "created": "made", "creating": "making", "use": "employ",
+    "used": "employed", "uses": "employs", "using": "employing", "default": "standard",
+    "defaults": "standard settings", "specify": "state", "specified": "stated", "specifies": "states",
+    "provide": "supply", "provides": "supplies", "provided": "supplied", "argument": "parameter",
+    "arguments": "parameters", "option": "setting", "options": "settings", "error": "failure",
+    "errors": "failures", "raise": "throw", "raises": "throws", "raised": "thrown", "object": "instance",
+    "objects": "instances", "list": "sequence", "lists": "sequences", "string": "text",
+    "strings": "texts", "number": "count", "numbers": "counts", "example": "sample",
+    "examples": "samples", "following": "next", "instead": "rather", "allows": "lets", "allow": "let",
+    "contains": "holds", "contain": "hold", "containing": "holding", "install": "set up",
+    "installed": "set up", "installation": "setup", "package": "library", "packages": "libraries",
+    "module": "component", "modules": "components", "support": "handle", "supports": "handles",
+    "supported": "handled", "called": "invoked", "call": "invoke", "calls": "invokes",
+    "check": "verify", "checks": "verifies", "checked": "verified", "change": "modify",
+    "changes": "modifications", "changed": "modified", "data": "information", "input": "entry",
+    "output": "result", "outputs": "results", "result": "outcome", "results": "outcomes",
+    "available": "accessible", "currently": "at present", "current": "present", "possible": "feasible",
+    "should": "ought to", "must": "has to", "need": "require", "needs": "requires", "needed": "required",
+    "first": "initial", "last": "final", "new": "fresh", "large": "big", "small": "little",
+    "different": "distinct", "same": "identical", "simple": "plain", "easy": "straightforward",
+    "fast": "quick", "faster": "quicker", "slow": "sluggish", "start": "begin", "starts": "begins",
+    "end": "finish", "ends": "finishes", "run": "execute", "runs": "executes", "running": "executing",
+    "build": "construct", "builds": "constructs", "built": "constructed", "add": "append",
+    "added": "appended", "adds": "appends", "remove": "delete", "removed": "deleted",
+    "removes": "deletes", "set": "assign", "sets": "assigns", "get": "obtain", "gets": "obtains",
+    "write": "store", "writes": "stores", "written": "stored", "read": "load", "reads": "loads",
+    "show": "display", "shows": "displays", "shown": "displayed", "find": "locate", "finds": "locates",
+    "found": "located", "type": "kind", "types": "kinds", "size": "length", "version": "release",
+    "versions": "releases", "user": "person", "users": "people", "model": "network", "models": "networks",
+    "train": "fit", "training": "fitting", "tensor": "array", "tensors": "arrays",
+    "documentation": "docs", "information": "details", "specific": "particular", "multiple": "several",
+    "each": "every", "also": "additionally", "however": "but", "because": "since", "when": "whenever",
+    "only": "solely", "always": "invariably", "never": "not ever", "usually": "typically",
+    "important": "significant", "note": "remark", "see": "refer to", "section": "part",
+    "implementation": "realisation", "implemented": "realised", "behavior": "behaviour",
+    "behaviour": "conduct", "automatically": "on its own", "manually": "by hand", "instance": "object",
+}
+
+_WORD_RE = None
+
+
+def _words(line: str) -> list[str]:
+    import re
+
+    global _WORD_RE
+    if _WORD_RE is None:
+        _WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]*")
+    return _WORD_RE.findall(line)
+
+
+def paraphrase(line: str) -> str | None:
+    """The fixed rewording rule (see SYNONYMS); None when it changes too little."""
+    words = [w.lower() for w in _words(line)]
+    long = [w for w in words if len(w) >= 4]
+    if len(words) < 8 or not long:
+        return None
+    if sum(w in SYNONYMS for w in long) < 0.4 * len(long):
+        return None
+    return " ".join(SYNONYMS.get(w, w) for w in words)
+
+
+def corpus_files(seed: int = 0) -> list[Path]:
+    """Text files of the installed packages (this venv's site-packages: sources, headers, docs) and
+    of the Python standard library, in a seeded random order; licence files and package metadata
+    folders are left out."""
+    import random
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    files = []
+    for root in (Path(paths["purelib"]), Path(paths["stdlib"])):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.endswith((".dist-info", ".egg-info"))
+                                 and d not in ("__pycache__", "site-packages", "dist-packages"))
+            for f in sorted(filenames):
+                p = Path(dirpath) / f
+                if p.suffix in TEXT_SUFFIXES and not f.upper().startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")):
+                    files.append(p)
+    files = sorted(set(files))
+    random.Random(seed).shuffle(files)
+    return files
+
+
+def cheap_chunks(files, n: int, size: int = 400, stride: int = 350):
+    """``n`` chunks of about ``size`` characters every ``stride`` (cut at line ends where one is
+    near), standing in for the real chunker's 128-token chunks at scale; ``(texts, file_of_chunk)``."""
+    texts, src = [], []
+    for fi, p in enumerate(files):
+        try:
+            t = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        pos = 0
+        while pos < len(t) and len(texts) < n:
+            end = min(len(t), pos + size)
+            nl = t.rfind("\n", pos + size // 2, end)
+            end = nl + 1 if nl > 0 and end < len(t) else end
+            if t[pos:end].strip():
+                texts.append(t[pos:end])
+                src.append(fi)
+            pos = max(end - (size - stride), pos + 1) if end < len(t) else len(t)
+        if len(texts) >= n:
+            break
+    return texts, src
+
+
+def _is_prose(line: str) -> bool:
+    """A line of words (docs, docstrings, comments): 80% of its tokens are plain words."""
+    toks = line.lstrip("#/*-> ").split()
+    return bool(toks) and sum(t.strip(".,;:()'\"`!?").isalpha() for t in toks) >= 0.8 * len(toks)
+
+
+def known_item_queries(texts, rng, n_phrase: int, n_ident: int, n_para: int):
+    """Queries with their relevant chunks (any chunk that holds the copied text).
+
+    phrase: a whole line of 8-25 words copied from a chunk; identifier: a name with an underscore
+    or an inner capital, 10+ characters, from a chunk; paraphrase: a prose line reworded by
+    :func:`paraphrase` (lines of words only: docs, docstrings, comments). Only items held by 1-3
+    chunks are kept (boilerplate lines are skipped)."""
+    import re
+
+    ident_re = re.compile(r"\b(?=[A-Za-z_]*(?:_[A-Za-z0-9]|[a-z][A-Z]))[A-Za-z_][A-Za-z0-9_]{9,}\b")
+    big = "\x00".join(texts)
+    starts = np.cumsum([0] + [len(t) + 1 for t in texts[:-1]])
+
+    def holders(s: str, word: bool = False) -> list[int]:
+        out, i = [], big.find(s)
+        while i >= 0 and len(out) <= 3:
+            c = int(np.searchsorted(starts, i, side="right") - 1)
+            if not word or re.search(r"(?<![A-Za-z0-9_])" + re.escape(s) + r"(?![A-Za-z0-9_])", texts[c]):
+                if c not in out:
+                    out.append(c)
+            i = big.find(s, i + 1)
+        return out
+
+    out = {"phrase": [], "identifier": [], "paraphrase": []}
+    want = {"phrase": n_phrase, "identifier": n_ident, "paraphrase": n_para}
+    seen = set()
+    for c in rng.permutation(len(texts)):
+        if all(len(out[k]) >= want[k] for k in out):
+            break
+        lines = [ln.strip() for ln in texts[c].splitlines()]
+        lines = [ln for ln in lines if 8 <= len(ln.split()) <= 25 and ln not in seen]
+        if lines and (len(out["phrase"]) < n_phrase or len(out["paraphrase"]) < n_para):
+            ln = lines[int(rng.integers(len(lines)))]
+            seen.add(ln)
+            rel = holders(ln)
+            if 1 <= len(rel) <= 3:
+                para = paraphrase(ln) if n_para and _is_prose(ln) else None
+                if para is not None and len(out["paraphrase"]) < n_para:
+                    out["paraphrase"].append((para, rel, ln))
+                elif len(out["phrase"]) < n_phrase:
+                    out["phrase"].append((ln, rel, ln))
+        if len(out["identifier"]) < n_ident:
+            names = sorted(set(ident_re.findall(texts[c])) - seen)
+            if names:
+                name = names[int(rng.integers(len(names)))]
+                seen.add(name)
+                rel = holders(name, word=True)
+                if 1 <= len(rel) <= 3:
+                    out["identifier"].append((name, rel, name))
+    return out
+
+
+MODES_MEASURED = ("dense", "lexical", "hybrid", "hybrid_rrf_only")
+
+
+def _recall(ranked, rel, k):
+    return float(np.mean([bool(set(r[:k].tolist()) & set(g)) for r, g in zip(ranked, rel)])) if rel else float("nan")
+
+
+def _pct(x, p):
+    return 1e3 * float(np.percentile(x, p))
+
+
+def bench_retrieval(args) -> dict:
+    """(f) recall@1/@10 of dense, lexical and hybrid search on a real KB (MiniLM) built from
+    installed packages' sources and docs; end-to-end query latency."""
+    import ctxmem
+    from ctxmem.index import KnowledgeIndex, embed, lexical
+
+    model = ctxmem.load_embedder(args.embedder)
+    files = [p for p in corpus_files(seed=1) if p.stat().st_size <= 40_000]
+    budget, chosen, total = args.retrieval_chunks * 420, [], 0
+    for p in files:  # ~420 characters per 128-token chunk of code and prose (measured on this corpus)
+        if total >= budget:
+            break
+        chosen.append(p)
+        total += p.stat().st_size
+    work = Path(tempfile.mkdtemp(prefix="ctxmem-bench-retrieval-"))
+    try:
+        t0 = time.perf_counter()
+        kb = KnowledgeIndex.build([str(p) for p in chosen], work / "kb", embedder=model, chunk_tokens=128, overlap=16,
+                                  progress=False)
+        build_s = time.perf_counter() - t0
+        s = kb.last_summary
+        ids, hits = zip(*kb.iter_chunks())
+        texts = [h.text for h in hits]
+        t0 = time.perf_counter()
+        model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        embed_alone_s = time.perf_counter() - t0
+        log(f"retrieval: KB of {len(texts)} chunks from {len(chosen)} files built in {build_s:.1f} s "
+            f"(embedding {s['embed_seconds']:.1f} s of it; the embedder alone on the same texts {embed_alone_s:.1f} s)")
+        qs = known_item_queries(texts, np.random.default_rng(2), args.queries_per_kind, args.queries_per_kind,
+                                args.queries_per_kind)
+        ids = np.array(ids, dtype=np.int64)
+        table, lat = {}, {}
+        for kind, items in qs.items():
+            qtext = [q for q, _, _ in items]
+            rel = [[int(ids[c]) for c in r] for _, r, _ in items]
+            qv = embed.encode(kb.embedder, qtext)
+            table[kind] = {"queries": len(items), "examples": [{"query": q, "from": src} for q, _, src in items[:3]]}
+            ranked = {m: [] for m in MODES_MEASURED}
+            for j, q in enumerate(qtext):
+                for mode in ("dense", "lexical", "hybrid"):
+                    t1, c1 = time.perf_counter(), time.thread_time()
+                    ranked[mode].append(kb.rank_many([q], 10, mode=mode, q=qv[j:j + 1])[0][0])
+                    lat.setdefault(mode, []).append(time.perf_counter() - t1)
+                    lat.setdefault(mode + "_cpu", []).append(time.thread_time() - c1)
+                # the ablation: plain RRF of the same two rankings, without "exact words first"
+                d50 = kb.rank_many([q], lexical.FUSION_DEPTH, mode="dense", q=qv[j:j + 1])[0][0]
+                l50 = kb.rank_many([q], lexical.FUSION_DEPTH, mode="lexical")[0][0]
+                ranked["hybrid_rrf_only"].append(lexical.rrf([d50, l50], 10)[0])
+            for mode in MODES_MEASURED:
+                table[kind][mode] = {"recall_at_1": _recall(ranked[mode], rel, 1),
+                                     "recall_at_10": _recall(ranked[mode], rel, 10)}
+            log(f"  {kind:10s} n={len(items):4d}  " + "  ".join(
+                f"{m} R@1 {table[kind][m]['recall_at_1']:.3f} R@10 {table[kind][m]['recall_at_10']:.3f}"
+                for m in MODES_MEASURED))
+        e2e = []
+        for q in [q for q, _, _ in qs["phrase"][:100]]:
+            t1 = time.perf_counter()
+            kb.search(q, k=5)
+            e2e.append(time.perf_counter() - t1)
+        return {
+            "corpus": "installed packages' sources, headers and docs (this venv's site-packages) and the Python "
+                      "standard library; files <= 40 KB, seeded order",
+            "embedder": args.embedder, "chunks": len(texts), "files": len(chosen), "chunk_tokens": 128, "overlap": 16,
+            "index_type": kb.info()["index_type"], "lexical": kb.info()["lexical"],
+            "build_seconds": build_s, "build_embed_seconds": s["embed_seconds"], "embedder_alone_seconds": embed_alone_s,
+            "build_over_embedder": build_s / embed_alone_s,
+            "table": table,
+            "search_ms": {m: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for m, v in lat.items()},
+            "kb_search_hybrid_end_to_end_ms": {"p50": _pct(e2e, 50), "p99": _pct(e2e, 99)},
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_lexical_scale(args) -> list[dict]:
+    """(g) the lexical index and the fusion at 100K and 1M chunks of real text (cheap fixed-size
+    chunks); the dense side on synthetic vectors (embedding 1M chunks with MiniLM takes hours on
+    2 cores), so hybrid recall is not measured here, only its cost."""
+    from ctxmem.index import ann, lexical
+    from ctxmem.index.testing import synthetic_vectors
+
+    rows = []
+    files = corpus_files(seed=1)
+    for n in args.scale_sizes:
+        t0 = time.perf_counter()
+        texts, _ = cheap_chunks(files, n)
+        read_s = time.perf_counter() - t0
+        n = len(texts)
+        log(f"scale n={n}: read and cut into chunks in {read_s:.1f} s ({sum(map(len, texts)) / 1e6:.0f} MB of text)")
+        qs = known_item_queries(texts, np.random.default_rng(3), args.scale_queries, args.scale_queries, 0)
+        gc.collect()
+        # the lexical build exactly as the KB does it: term counts per segment, then the index
+        t0 = time.perf_counter()
+        pieces, seg = [], 4096
+        for a in range(0, n, seg):
+            st = lexical.count_terms(texts[a:a + seg])
+            blob = lexical.encode_segment(st)
+            pieces.append((lexical.decode_segment(blob, "seg", len(st.doc_len)), np.arange(len(st.doc_len)),
+                           np.arange(a, a + len(st.doc_len))))
+        count_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        arrays = lexical.build_arrays(pieces)
+        del pieces
+        blob = lexical.encode_index(arrays)
+        index_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        searcher = lexical.LexicalSearcher(lexical.decode_index(blob, "index"))
+        open_s = time.perf_counter() - t0
+        nbytes = len(blob)
+        del blob, arrays
+        gc.collect()
+        log(f"  lexical: term counts {count_s:.1f} s, index {index_s:.1f} s, load {open_s:.1f} s, {nbytes / 1e6:.0f} MB, "
+            f"{len(searcher.vocab)} terms")
+        # dense stand-in: synthetic vectors in the index type 'auto' picks at this size
+        t0 = time.perf_counter()
+        allv = synthetic_vectors(n + 500, args.dim, seed=n)
+        x, qv = allv[:n], allv[n:]
+        del allv
+        kind = ann.choose_type("auto", n)
+        index = ann.create(kind, x, np.arange(n, dtype=np.int64), ann.default_params(kind, n, args.dim))
+        dense_s = time.perf_counter() - t0
+        del x
+        dsearch = ann.Searcher(index, kind)
+        log(f"  dense stand-in: {kind} over synthetic vectors built in {dense_s:.1f} s")
+        row = {"n": n, "lexical_count_seconds": count_s, "lexical_index_seconds": index_s,
+               "lexical_build_seconds": count_s + index_s, "lexical_load_seconds": open_s, "lexical_bytes": nbytes,
+               "vocab": len(searcher.vocab), "dense_index": kind, "dense_build_seconds_synthetic": dense_s,
+               "queries": {}}
+        for kindq, items in qs.items():
+            if not items:
+                continue
+            lat = {"dense": [], "lexical": [], "fusion": [], "hybrid": [], "hybrid_cpu": []}
+            ranked = []
+            for j, (q, _, _) in enumerate(items[:20]):  # warm-up (first-call costs), untimed
+                searcher.search(q, lexical.FUSION_DEPTH)
+                dsearch.search(qv[j][None], lexical.FUSION_DEPTH)
+            for j, (q, _, _) in enumerate(items):
+                v = qv[j % len(qv)][None]
+                t1, c1 = time.perf_counter(), time.thread_time()
+                D, I = dsearch.search(v, lexical.FUSION_DEPTH)
+                t2 = time.perf_counter()
+                lid, _ = searcher.search(q, lexical.FUSION_DEPTH)
+                t3 = time.perf_counter()
+                lexical.fuse(I[0][I[0] >= 0], lid, 10, q, texts.__getitem__)
+                t4, c4 = time.perf_counter(), time.thread_time()
+                for key, val in (("dense", t2 - t1), ("lexical", t3 - t2), ("fusion", t4 - t3), ("hybrid", t4 - t1),
+                                 ("hybrid_cpu", c4 - c1)):
+                    lat[key].append(val)
+                ranked.append(lid)
+            rel = [r for _, r, _ in items]
+            row["queries"][kindq] = {
+                "n": len(items), "lexical_recall_at_1": _recall(ranked, rel, 1),
+                "lexical_recall_at_10": _recall(ranked, rel, 10),
+                **{f"{key}_ms": {"p50": _pct(v, 50), "p99": _pct(v, 99)} for key, v in lat.items()}}
+            r = row["queries"][kindq]
+            log(f"  {kindq:10s} n={len(items)} lexical R@1 {r['lexical_recall_at_1']:.3f} R@10 "
+                f"{r['lexical_recall_at_10']:.3f}; p99 ms: dense {r['dense_ms']['p99']:.2f}, lexical "
+                f"{r['lexical_ms']['p99']:.2f}, fusion {r['fusion_ms']['p99']:.2f}, hybrid {r['hybrid_ms']['p99']:.2f} "
+                f"(cpu {r['hybrid_cpu_ms']['p99']:.2f})")
+        rows.append(row)
+        del index, dsearch, searcher, texts
+        gc.collect()
+    return rows
+
+
+def plot_retrieval(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = result.get("retrieval")
+    sc = result.get("lexical_scale", [])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    if r:
+        kinds = list(r["table"])
+        modes = ("dense", "lexical", "hybrid")
+        colors = {"dense": "#59c", "lexical": "#c95", "hybrid": "#2a7"}
+        xs = np.arange(len(kinds))
+        for i, m in enumerate(modes):
+            for j, at in enumerate(("recall_at_1", "recall_at_10")):
+                vals = [r["table"][k][m][at] for k in kinds]
+                off = (i - 1) * 0.27 + (j - 0.5) * 0.13
+                a1.bar(xs + off, vals, 0.12, color=colors[m], alpha=0.55 if j == 0 else 1.0,
+                       label=f"{m} R@{'1' if j == 0 else '10'}")
+        a1.set_xticks(xs, [f"{k}\n(n={r['table'][k]['queries']})" for k in kinds])
+        a1.set_ylim(0, 1.05)
+        a1.axhline(0.95, color="k", ls="--", lw=0.8)
+        a1.set_ylabel("recall (a chunk holding the item in the top k)")
+        a1.set_title(f"known-item and paraphrase queries, {r['chunks']} chunks of installed packages' code and docs\n"
+                     f"{r['embedder']}, light bars R@1, dark bars R@10", fontsize=9)
+        a1.legend(fontsize=7, ncol=3, loc="lower left")
+    if sc:
+        labels, p99 = [], {"dense": [], "lexical": [], "hybrid": []}
+        for row in sc:
+            q = row["queries"].get("phrase") or next(iter(row["queries"].values()))
+            labels.append(f"{row['n'] // 1000}K")
+            for m in p99:
+                p99[m].append(q[f"{m}_ms"]["p99"])
+        xs = np.arange(len(labels))
+        for i, m in enumerate(p99):
+            a2.bar(xs + (i - 1) * 0.27, p99[m], 0.25, label=m)
+        a2.axhline(10, color="k", ls="--", lw=1, label="target 10 ms")
+        a2.set_xticks(xs, labels)
+        a2.set_ylabel("search p99 (ms, one query, copied-line queries; query embedding excluded)")
+        a2.set_title("search cost at scale: BM25 on real text, dense on synthetic vectors", fontsize=9)
+        a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot_ray(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -439,6 +848,12 @@ def main(argv=None) -> int:
                     help="Ray embedder worker counts to measure (default 1,2)")
     ap.add_argument("--repeats-ray", type=int, default=2, help="rounds of (local, ray x workers) builds")
     ap.add_argument("--shard-vectors", type=int, default=200_000, help="vectors for the IVF shard/merge cost")
+    ap.add_argument("--skip-retrieval", action="store_true", help="skip (f) and (g), keeping earlier results")
+    ap.add_argument("--retrieval-chunks", type=int, default=3000, help="(f): about this many chunks in the real KB")
+    ap.add_argument("--queries-per-kind", type=int, default=200, help="(f): phrase, identifier, paraphrase queries")
+    ap.add_argument("--scale-sizes", type=lambda s: [int(x) for x in s.split(",")] if s else [],
+                    default=[100_000, 1_000_000], help="(g): chunk counts for the lexical index at scale")
+    ap.add_argument("--scale-queries", type=int, default=300, help="(g): phrase and identifier queries per size")
     args = ap.parse_args(argv)
     if args.engine == "ray" and args.out == str(RESULTS / "index.json"):
         args.out = str(RESULTS / "index_ray.json")
@@ -475,6 +890,15 @@ def main(argv=None) -> int:
     elif previous.get("ann"):  # keep the last measured ANN rows, saying so
         result["ann"] = previous["ann"]
         result["ann_from_run_at"] = previous.get("run_at", "an earlier run")
+    if not args.skip_retrieval:
+        if args.retrieval_chunks > 0:
+            result["retrieval"] = bench_retrieval(args)
+        if args.scale_sizes:
+            result["lexical_scale"] = bench_lexical_scale(args)
+    for key in ("retrieval", "lexical_scale"):
+        if key not in result and previous.get(key):
+            result[key] = previous[key]
+            result[f"{key}_from_run_at"] = previous.get(f"{key}_from_run_at", previous.get("run_at", "an earlier run"))
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - t0
     result["run_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -484,6 +908,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, json.dumps(result, indent=2).encode())
     plot(result, out.with_suffix(".png"))
+    if result.get("retrieval") or result.get("lexical_scale"):
+        plot_retrieval(result, out.with_name(out.stem + "_retrieval.png"))
     log(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
     return 0
 

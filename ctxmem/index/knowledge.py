@@ -6,9 +6,10 @@
 
 ``search`` fuses two rankings by default (``mode="hybrid"``): the FAISS index over the chunk
 embeddings and a BM25 index over their words (:mod:`ctxmem.index.lexical`), by reciprocal rank
-fusion. ``Hit.score`` is, by mode: ``dense``, the cosine similarity of the query and the chunk
-(inner product of normalised embeddings); ``lexical``, the chunk's BM25 score; ``hybrid``, the
-fused score ``sum 1 / (60 + rank)``. ``text == read_source_text(source)[start:end]``. The on-disk layout, the commit
+fusion, with chunks that hold the query's words verbatim first. ``Hit.score`` is, by mode:
+``dense``, the cosine similarity of the query and the chunk (inner product of normalised
+embeddings); ``lexical``, the chunk's BM25 score; ``hybrid``, the fused score ``sum 1 / (60 +
+rank)``, plus 1.0 for a chunk that holds the query verbatim (:func:`ctxmem.index.lexical.fuse`). ``text == read_source_text(source)[start:end]``. The on-disk layout, the commit
 and resume rules are in :mod:`ctxmem.index.builder`; input policy in :mod:`ctxmem.index.sources`.
 """
 from __future__ import annotations
@@ -372,7 +373,7 @@ class KnowledgeIndex:
                 out.append((lid, lsc))
                 continue
             dids = I[j][I[j] >= 0].astype(np.int64)
-            out.append(lexical.rrf([dids, lid], k))
+            out.append(lexical.fuse(dids, lid, k, text, self._text))
         return out
 
     def search_vectors(self, q: np.ndarray, k: int = 5) -> list[list[Hit]]:
@@ -418,6 +419,9 @@ class KnowledgeIndex:
             raise IndexCorruptError(store.path, f"row {row} holds chunk {int(store.ids[row])}, expected {cid}")
         r = store.record(row)
         return Hit(r["text"], score, r["source"], r["start"], r["end"])
+
+    def _text(self, cid: int) -> str:
+        return self._hit(cid, 0.0).text
 
     def get(self, cid: int) -> Hit:
         """The chunk with id ``cid`` (score 1.0)."""

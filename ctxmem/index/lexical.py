@@ -30,13 +30,18 @@ falls back to ``dense`` with a warning; ``lexical`` is refused). Any write to it
 add``, ``index remove``, a rerun of ``index build``) or ``ctxmem index upgrade KB`` adds the
 lexical files from the stored chunk texts, without re-embedding.
 
-Fusion (:func:`rrf`): reciprocal rank fusion, ``score(c) = sum over rankings of 1 / (60 +
-rank of c)`` (ranks from 1, each ranking cut at ``max(k, 50)``), ties broken by chunk id.
+Fusion (:func:`fuse`): reciprocal rank fusion, ``score(c) = sum over rankings of 1 / (60 +
+rank of c)`` (ranks from 1, each ranking cut at ``max(k, 50)``), ties broken by chunk id; then
+exact words first: among the BM25 top 10, a chunk that holds the query's words verbatim (in
+order, case and punctuation aside; queries of two words or more, or one identifier-like word
+such as ``read_source_text`` or ``getLogger``) gains 1.0, which puts it above every chunk that
+does not (an RRF score is below 2/61).
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 from dataclasses import dataclass
 
 import msgpack
@@ -51,6 +56,10 @@ TOKENIZER = {"library": "bm25s", "pattern": r"(?u)\b\w\w+\b", "lower": True, "st
 PARAMS = {"method": "lucene", "k1": 1.5, "b": 0.75}
 RRF_K = 60
 FUSION_DEPTH = 50
+PHRASE_CHECK = 10      # BM25 hits checked for the query's words verbatim
+PHRASE_BONUS = 1.0
+_WORD = re.compile(r"\w+")
+_IDENT = re.compile(r"_|[a-z][A-Z]|[A-Za-z]\d")
 MODES = ("hybrid", "dense", "lexical")
 
 
@@ -271,19 +280,39 @@ class LexicalSearcher:
     def search(self, text: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(chunk ids, BM25 scores)`` of the best ``k`` chunks holding a query term, best first
         (ties by chunk id)."""
-        q = [self.vocab[t] for t in query_terms(text) if t in self.vocab]
-        if not q or k <= 0 or not self.n:
+        q = np.array([self.vocab[t] for t in query_terms(text) if t in self.vocab], dtype=np.int64)
+        if not len(q) or k <= 0 or not self.n:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        scores = self.bm25.get_scores_from_ids(q)
-        cand = np.flatnonzero(scores > 0)
+        scores = self.bm25.get_scores_from_ids(q)  # bm25s: the sum over the query terms' postings
+        cand = self._candidates(q, scores, k)
         if len(cand) > k:
-            cand = cand[np.argpartition(-scores[cand], k - 1)[:k]]
-            # every chunk tied with the k-th is a candidate, so the tie-break by id is exact
-            cut = scores[cand].min()
-            cand = np.flatnonzero(scores >= cut)
+            top = cand[np.argpartition(-scores[cand], k - 1)[:k]]
+            cand = cand[scores[cand] >= scores[top].min()]  # keep every tie of the k-th: exact tie-break
         sc = scores[cand]
         order = np.lexsort((cand, -sc))[:k]  # rows are in id order: row order = id order
         return self.ids[cand[order]], sc[order]
+
+    def _candidates(self, q: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+        """Rows that can be in the top ``k``: those scoring at least the ``k``-th best score among
+        the chunks holding the query's rarest terms (a lower bound of the true ``k``-th best), so
+        the selection sorts a few rows, not every chunk that holds a common word."""
+        ip, ind = self.bm25.scores["indptr"], self.bm25.scores["indices"]
+        terms = np.unique(q)
+        df = ip[terms + 1] - ip[terms]
+        probe, want = [], 4 * k
+        for t in terms[np.argsort(df, kind="stable")]:  # rarest first; any distinct rows give a lower bound
+            take = ind[ip[t]:min(ip[t + 1], ip[t] + want)]
+            probe.append(take)
+            want -= len(take)
+            if want <= 0:
+                break
+        rows = np.sort(np.concatenate(probe))
+        rows = rows[np.concatenate(([True], rows[1:] != rows[:-1]))]
+        if len(rows) < k:
+            return np.flatnonzero(scores > 0)
+        ps = scores[rows]
+        floor = np.partition(ps, len(ps) - k)[len(ps) - k]
+        return np.flatnonzero(scores >= floor)
 
 
 def rrf(rankings, k: int, k0: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
@@ -299,3 +328,37 @@ def rrf(rankings, k: int, k0: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
     sc = np.fromiter(acc.values(), dtype=np.float64, count=len(acc))
     order = np.lexsort((ids, -sc))[:k]
     return ids[order], sc[order]
+
+
+def normalize(text: str) -> str:
+    """Lowercased words separated by single spaces (what "verbatim" means for :func:`fuse`)."""
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def phrase_of(query: str) -> str | None:
+    """The normalised query when it is a phrase (two words or more) or one identifier-like word."""
+    words = _WORD.findall(query)
+    if len(words) >= 2 or (len(words) == 1 and len(words[0]) >= 6 and _IDENT.search(words[0])):
+        return " ".join(w.lower() for w in words)
+    return None
+
+
+def holds_phrase(text: str, phrase: str) -> bool:
+    return f" {phrase} " in f" {normalize(text)} "
+
+
+def fuse(dense_ids, lexical_ids, k: int, query: str | None = None, text_of=None) -> tuple[np.ndarray, np.ndarray]:
+    """Hybrid ranking: :func:`rrf` of the two rankings, then chunks among the first
+    ``PHRASE_CHECK`` BM25 hits whose text (``text_of(id)``) holds ``query`` verbatim first
+    (score + ``PHRASE_BONUS``). ``(ids, scores)`` of the top ``k``, best first."""
+    dense_ids = np.asarray(dense_ids, dtype=np.int64)
+    lexical_ids = np.asarray(lexical_ids, dtype=np.int64)
+    ids, scores = rrf([dense_ids, lexical_ids], len(dense_ids) + len(lexical_ids))
+    phrase = phrase_of(query) if query is not None and text_of is not None else None
+    if phrase is not None and len(ids):
+        exact = {int(c) for c in lexical_ids[:PHRASE_CHECK] if holds_phrase(text_of(int(c)), phrase)}
+        if exact:
+            scores = scores + PHRASE_BONUS * np.fromiter((int(c) in exact for c in ids), dtype=np.float64, count=len(ids))
+            order = np.lexsort((ids, -scores))
+            ids, scores = ids[order], scores[order]
+    return ids[:k], scores[:k]
