@@ -72,6 +72,10 @@ def family_model(name: str, seed: int = 0, window: int = 100_000):
         c.pop("head_dim")
         cls, cfg = T.StableLmForCausalLM, T.StableLmConfig(**c, qk_layernorm=True, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+    elif name == "smollm3":  # layer 1 carries no RoPE
+        cls, cfg = T.SmolLM3ForCausalLM, T.SmolLM3Config(**c, no_rope_layers=[1, 0])
+    elif name == "exaone4":  # hybrid: a sliding RoPE layer, then a global NoPE layer
+        cls, cfg = T.Exaone4ForCausalLM, T.Exaone4Config(**c, sliding_window=12, layer_types=SLIDING)
     else:
         raise ValueError(name)
     cfg._attn_implementation = impl
@@ -79,7 +83,7 @@ def family_model(name: str, seed: int = 0, window: int = 100_000):
 
 
 FAMILIES = ["qwen3", "olmo2", "granite", "phi3", "gemma2", "gemma3"]
-FURTHER = ["olmo3", "ministral", "starcoder2", "seed_oss", "arcee", "apertus", "stablelm"]
+FURTHER = ["olmo3", "ministral", "starcoder2", "seed_oss", "arcee", "apertus", "stablelm", "smollm3", "exaone4"]
 VARIANTS = ["qwen3-sliding", "qwen3-yarn", "mistral-sliding"]
 
 
@@ -182,6 +186,33 @@ def test_rerotation_equals_the_models_rope(name):
         assert r < k.shape[-1] and torch.equal(moved[..., r:], k[..., r:])
 
 
+@pytest.mark.parametrize("name, nope", [("smollm3", [1]), ("exaone4", [1]), ("qwen3", [])])
+def test_nope_layers_are_moved_with_zero_frequencies(name, nope, monkeypatch):
+    """A layer without RoPE (smollm3's no_rope_layers, exaone4's hybrid global layers) must not have its
+    keys re-rotated: the op gets zero frequencies for it, the model's own for every other layer."""
+    import ctxmem.hf.cache as cache_mod
+
+    calls = []
+    real = cache_mod.retrieval_attention
+
+    def spy(q, k, v, reps, lengths, n_new, params, inv_freq, *a, **kw):
+        calls.append(inv_freq.clone())
+        return real(q, k, v, reps, lengths, n_new, params, inv_freq, *a, **kw)
+
+    monkeypatch.setattr(cache_mod, "retrieval_attention", spy)
+    model = family_model(name)
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL))
+    try:
+        model(torch.randint(3, 97, (1, 60)))
+    finally:
+        ctxmem.unwrap(model)
+    inv = rope_inv_freq(model).float()
+    assert len(calls) == 2 * 3  # two layers, called in turn for each of the three chunks
+    for i, f in enumerate(calls):
+        want = torch.zeros_like(inv) if i % 2 in nope else inv
+        assert torch.equal(f.cpu(), want), (i, f)
+
+
 def test_refusals_name_the_reason():
     model = family_model("phi3")
     model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
@@ -193,6 +224,8 @@ def test_refusals_name_the_reason():
     with pytest.raises(ValueError, match="ram_budget.*sliding-window layers"):
         ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL, ram_budget="1GB"))
     assert getattr(model, "_ctxmem", None) is None and "forward" not in vars(model)
+    with pytest.raises(ValueError, match="ram_budget.*NoPE layers"):
+        ctxmem.wrap(family_model("smollm3"), ctxmem.MemoryConfig(**SMALL, ram_budget="1GB"))
     helium = T.HeliumForCausalLM(T.HeliumConfig(**dict(COMMON, max_position_embeddings=4096)))
     with pytest.raises(ValueError, match="'helium' is not supported.*interleaved RoPE"):
         ctxmem.wrap(helium, ctxmem.MemoryConfig(**SMALL))

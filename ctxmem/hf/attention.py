@@ -52,6 +52,20 @@ def _softcap_attention(module, query, key, value, attention_mask, dropout, scali
     return torch.matmul(w, v).transpose(1, 2).contiguous(), w
 
 
+# Layers whose keys carry no RoPE (NoPE), by family: moving such a key is the identity, so the op gets
+# zero frequencies for them. Everything else is rotated (what ctxmem.wrap checks per family).
+NOPE_LAYER = {
+    "smollm3": lambda m: not m.use_rope,  # config.no_rope_layers
+    "exaone4": lambda m: m.sliding_window is not None and not m.is_sliding,  # global layers of a hybrid model
+}
+
+
+def layer_rotates_keys(module) -> bool:
+    """False for a NoPE attention layer (see ``NOPE_LAYER``)."""
+    rule = NOPE_LAYER.get(getattr(getattr(module, "config", None), "model_type", None))
+    return rule is None or not rule(module)
+
+
 def ctxmem_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      sliding_window=None, softcap=None, **kwargs):
     cache = _ACTIVE.get()
@@ -62,7 +76,8 @@ def ctxmem_attention(module, query, key, value, attention_mask, dropout: float =
                                       scaling=scaling, sliding_window=sliding_window, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return cache.attend(module.layer_idx, query, scaling, window=sliding_window, softcap=softcap), None
+    return cache.attend(module.layer_idx, query, scaling, window=sliding_window, softcap=softcap,
+                        rope=layer_rotates_keys(module)), None
 
 
 def ctxmem_mask(*args, **kwargs):

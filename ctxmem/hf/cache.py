@@ -66,6 +66,7 @@ class MemoryCache(BlockStore, Cache):
         BlockStore.__init__(self, num_layers, cfg, inv_freq, tokenizer=tokenizer, embedder=embedder)
         Cache.__init__(self, layers=self.layers)
         self.backends_run: dict[str, int] = {}  # which op backend ran, and how many times (layer calls)
+        self.nope_freq = torch.zeros_like(self.inv_freq)  # a NoPE layer's frequencies: moving is the identity
 
     # -- transformers' Cache interface ---------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -82,11 +83,12 @@ class MemoryCache(BlockStore, Cache):
 
     # -- the op ------------------------------------------------------------------------------------
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float, window: int | None = None,
-               softcap: float | None = None) -> torch.Tensor:
+               softcap: float | None = None, rope: bool = True) -> torch.Tensor:
         """Retrieval attention of ``query [B, Hq, C, D]`` over layer ``layer_idx``'s store (its keys for
         this chunk already appended); returns ``[B, C, Hq, D]`` as transformers' attention functions do.
         ``window``: a sliding-window layer (exact window attention, no retrieval); ``softcap``: logit
-        soft-capping (see ``ctxmem.ops.layout``)."""
+        soft-capping (see ``ctxmem.ops.layout``); ``rope=False``: a NoPE layer (its keys carry no rotation,
+        so the op moves them with zero frequencies: the identity)."""
         layer = self.layers[layer_idx]
         params = self.op_params(scaling)
         if window is not None or softcap is not None:
@@ -94,7 +96,8 @@ class MemoryCache(BlockStore, Cache):
                                          softcap=None if softcap is None else float(softcap))
         k, v, reps, lengths, bias, blocks = layer.op_inputs(query, params, self.bias_on(query.device))
         out, selected, ran = retrieval_attention(
-            query, k, v, reps, lengths, self.n_new, params, self.inv_freq_on(query.device), bias,
+            query, k, v, reps, lengths, self.n_new, params,
+            self.inv_freq_on(query.device) if rope else self._device_copy("nope", self.nope_freq, query.device), bias,
             backend=self.cfg.backend, report=True)
         self.backends_run[ran] = self.backends_run.get(ran, 0) + 1
         if self.record_selection:

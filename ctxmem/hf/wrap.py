@@ -44,6 +44,9 @@ FAMILY_NOTES = {
     "arcee": "nothing beyond llama (ReLU^2 MLP)",
     "apertus": "q/k RMSNorm before RoPE",
     "stablelm": "partial rotary (rotary_ndims), optional per-head q/k layernorm before RoPE",
+    "smollm3": "NoPE layers (no_rope_layers): their keys are moved with zero frequencies (the identity)",
+    "exaone4": "q/k RMSNorm before RoPE; sliding layers exact; the global layers of a hybrid model are NoPE "
+               "(moved with zero frequencies)",
 }
 SUPPORTED_FAMILIES = tuple(FAMILY_NOTES)
 # Families refused with a reason of their own (beyond "not checked yet").
@@ -57,10 +60,6 @@ REFUSED_FAMILIES = {
     "glm4": "interleaved partial RoPE, not the rotate-half convention the op re-rotates",
     "helium": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
     "ernie4_5": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
-    "exaone4": "its global layers carry no RoPE when sliding layers exist (NoPE); the op re-rotates every "
-               "retrieving layer with one set of frequencies",
-    "smollm3": "some layers carry no RoPE (no_rope_layers); the op re-rotates every retrieving layer with one "
-               "set of frequencies",
     "hunyuan_v1_dense": "q/k layernorm after RoPE: a stored key's per-dimension norm weights do not commute "
                         "with re-rotation",
 }
@@ -99,6 +98,16 @@ def sliding_layers(mc) -> list[int]:
     return list(range(n)) if getattr(mc, "sliding_window", None) else []
 
 
+def nope_layers(mc) -> list[int]:
+    """Layers whose keys carry no RoPE (smollm3's no_rope_layers, exaone4's hybrid global layers)."""
+    family = getattr(mc, "model_type", None)
+    if family == "smollm3":
+        return [i for i, r in enumerate(getattr(mc, "no_rope_layers", None) or []) if not r]
+    if family == "exaone4" and getattr(mc, "sliding_window", None) is not None:
+        return [i for i, t in enumerate(getattr(mc, "layer_types", None) or []) if t != "sliding_attention"]
+    return []
+
+
 def _check_model(model, cfg: MemoryConfig) -> None:
     mc = model.config
     family = getattr(mc, "model_type", type(model).__name__)
@@ -123,6 +132,9 @@ def _check_model(model, cfg: MemoryConfig) -> None:
     if cfg.ram_budget is not None and sliding_layers(mc):
         raise ValueError("ctxmem.wrap: ram_budget (the bounded-RAM store) does not support sliding-window layers yet "
                          f"({family} has {len(sliding_layers(mc))}); leave ram_budget unset for this model")
+    if cfg.ram_budget is not None and nope_layers(mc):
+        raise ValueError("ctxmem.wrap: ram_budget (the bounded-RAM store) does not support NoPE layers yet "
+                         f"({family} has {len(nope_layers(mc))}); leave ram_budget unset for this model")
     window = getattr(mc, "max_position_embeddings", None)
     if window is not None and cfg.span(chunk_size(model, cfg)) > window:
         raise ValueError(
