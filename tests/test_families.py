@@ -213,6 +213,23 @@ def test_nope_layers_are_moved_with_zero_frequencies(name, nope, monkeypatch):
         assert torch.equal(f.cpu(), want), (i, f)
 
 
+@pytest.mark.parametrize("name", ["gemma2", "phi3"])
+def test_saved_memory_continues_as_the_live_one(name, tmp_path):
+    """save_memory / load_memory on a model with window layers (gemma2) and a fused qkv_proj (phi3)."""
+    model = family_model(name, seed=1)
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL))
+    try:
+        ids = torch.randint(3, 97, (1, 100), generator=torch.Generator().manual_seed(0))
+        more = torch.cat([ids, ids[:, :5]], 1)
+        mem = ctxmem.read_memory(model, ids)
+        ctxmem.save_memory(model, tmp_path / "m", memory=mem)
+        live = model.generate(more, max_new_tokens=5, do_sample=False, cache=mem)
+        loaded = model.generate(more, max_new_tokens=5, do_sample=False, cache=ctxmem.load_memory(model, tmp_path / "m"))
+    finally:
+        ctxmem.unwrap(model)
+    assert torch.equal(live, loaded)
+
+
 def test_refusals_name_the_reason():
     model = family_model("phi3")
     model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,

@@ -19,7 +19,10 @@ def model_fingerprint(model) -> dict:
     checkpoints of one architecture differ here, so a fine-tuned model cannot read another's memory."""
     mc = model.config
     h = hashlib.sha256()
-    for w in (model.get_input_embeddings().weight, model.model.layers[-1].self_attn.k_proj.weight):
+    attn = model.model.layers[-1].self_attn
+    kproj = attn.k_proj if hasattr(attn, "k_proj") else getattr(attn, "qkv_proj", None)  # phi3: fused q/k/v
+    kw = kproj.weight if kproj is not None else next(attn.parameters())
+    for w in (model.get_input_embeddings().weight, kw):
         h.update(w.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False).data)
     return {"model_type": mc.model_type, "num_layers": int(mc.num_hidden_layers),
             "kv_heads": int(mc.num_key_value_heads), "head_dim": int(getattr(mc, "head_dim", None) or
