@@ -76,6 +76,19 @@ def family_model(name: str, seed: int = 0, window: int = 100_000):
         cls, cfg = T.SmolLM3ForCausalLM, T.SmolLM3Config(**c, no_rope_layers=[1, 0])
     elif name == "exaone4":  # hybrid: a sliding RoPE layer, then a global NoPE layer
         cls, cfg = T.Exaone4ForCausalLM, T.Exaone4Config(**c, sliding_window=12, layer_types=SLIDING)
+    elif name == "mixtral":
+        cls, cfg = T.MixtralForCausalLM, T.MixtralConfig(**c, num_local_experts=4, num_experts_per_tok=2)
+    elif name == "qwen3_moe":
+        cls, cfg = T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(**c, num_experts=4, num_experts_per_tok=2,
+                                                           moe_intermediate_size=32)
+    elif name == "qwen2_moe":
+        cls, cfg = T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig(**c, num_experts=4, num_experts_per_tok=2,
+                                                           moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    elif name == "olmoe":
+        cls, cfg = T.OlmoeForCausalLM, T.OlmoeConfig(**c, num_experts=4, num_experts_per_tok=2)
+    elif name == "granitemoe":
+        cls, cfg = T.GraniteMoeForCausalLM, T.GraniteMoeConfig(**c, num_local_experts=4, num_experts_per_tok=2,
+                                                               attention_multiplier=0.3)
     else:
         raise ValueError(name)
     cfg._attn_implementation = impl
@@ -84,6 +97,7 @@ def family_model(name: str, seed: int = 0, window: int = 100_000):
 
 FAMILIES = ["qwen3", "olmo2", "granite", "phi3", "gemma2", "gemma3"]
 FURTHER = ["olmo3", "ministral", "starcoder2", "seed_oss", "arcee", "apertus", "stablelm", "smollm3", "exaone4"]
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe"]  # the attention of a dense sibling
 VARIANTS = ["qwen3-sliding", "qwen3-yarn", "mistral-sliding"]
 
 
@@ -96,7 +110,7 @@ def full_budget(**kw):
 SMALL = dict(block_size=8, topk_blocks=2, sink_tokens=4, local_tokens=16, prefill_chunk=24, selector="keys")
 
 
-@pytest.mark.parametrize("name", FAMILIES + VARIANTS + FURTHER)
+@pytest.mark.parametrize("name", FAMILIES + VARIANTS + FURTHER + MOE)
 def test_full_budget_equals_stock_logits(name):
     model = family_model(name)
     ids = torch.randint(3, 97, (2, 150), generator=torch.Generator().manual_seed(1))
@@ -110,7 +124,7 @@ def test_full_budget_equals_stock_logits(name):
     assert (out - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name", FAMILIES + FURTHER)
+@pytest.mark.parametrize("name", FAMILIES + FURTHER + MOE)
 def test_small_budget_generates_and_unwrap_is_bit_identical(name):
     model = family_model(name, seed=5)
     ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(3))
@@ -168,7 +182,7 @@ def _model_rope(model, k, pos):
     return torch.cat([mod.apply_rotary_pos_emb(k[..., :r], k[..., :r], cos, sin)[1], k[..., r:]], dim=-1)
 
 
-@pytest.mark.parametrize("name", FAMILIES + FURTHER + ["qwen3-yarn"])
+@pytest.mark.parametrize("name", FAMILIES + FURTHER + MOE + ["qwen3-yarn"])
 def test_rerotation_equals_the_models_rope(name):
     """A key stored rotated at p and re-rotated by d is the model's key at p + d (the op's premise):
     partial rotary (phi3: the unrotated dims untouched), yarn's scaled cos/sin, gemma3's global base."""

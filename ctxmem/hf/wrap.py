@@ -47,6 +47,12 @@ FAMILY_NOTES = {
     "smollm3": "NoPE layers (no_rope_layers): their keys are moved with zero frequencies (the identity)",
     "exaone4": "q/k RMSNorm before RoPE; sliding layers exact; the global layers of a hybrid model are NoPE "
                "(moved with zero frequencies)",
+    # mixture-of-experts siblings: the attention of their dense family
+    "mixtral": "as mistral",
+    "qwen2_moe": "as qwen2",
+    "qwen3_moe": "as qwen3",
+    "olmoe": "q/k RMSNorm over the projection (and clip_qkv) before RoPE, as olmo2",
+    "granitemoe": "as granite (attention_multiplier)",
 }
 SUPPORTED_FAMILIES = tuple(FAMILY_NOTES)
 # Families refused with a reason of their own (beyond "not checked yet").
