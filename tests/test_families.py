@@ -89,6 +89,14 @@ def family_model(name: str, seed: int = 0, window: int = 100_000):
     elif name == "granitemoe":
         cls, cfg = T.GraniteMoeForCausalLM, T.GraniteMoeConfig(**c, num_local_experts=4, num_experts_per_tok=2,
                                                                attention_multiplier=0.3)
+    elif name == "phi":  # phi-1.5 / phi-2: partial rotary, per-head q/k layernorm
+        c.pop("head_dim")
+        cls, cfg = T.PhiForCausalLM, T.PhiConfig(**c, qk_layernorm=True, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    elif name == "persimmon":  # fused query_key_value, partial rotary, q/k layernorm
+        c.pop("head_dim")
+        cls, cfg = T.PersimmonForCausalLM, T.PersimmonConfig(**c, qk_layernorm=True, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
     else:
         raise ValueError(name)
     cfg._attn_implementation = impl
@@ -96,7 +104,8 @@ def family_model(name: str, seed: int = 0, window: int = 100_000):
 
 
 FAMILIES = ["qwen3", "olmo2", "granite", "phi3", "gemma2", "gemma3"]
-FURTHER = ["olmo3", "ministral", "starcoder2", "seed_oss", "arcee", "apertus", "stablelm", "smollm3", "exaone4"]
+FURTHER = ["olmo3", "ministral", "starcoder2", "seed_oss", "arcee", "apertus", "stablelm", "smollm3", "exaone4", "phi",
+           "persimmon"]
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "granitemoe"]  # the attention of a dense sibling
 VARIANTS = ["qwen3-sliding", "qwen3-yarn", "mistral-sliding"]
 

@@ -47,6 +47,8 @@ FAMILY_NOTES = {
     "smollm3": "NoPE layers (no_rope_layers): their keys are moved with zero frequencies (the identity)",
     "exaone4": "q/k RMSNorm before RoPE; sliding layers exact; the global layers of a hybrid model are NoPE "
                "(moved with zero frequencies)",
+    "phi": "partial rotary (rotary_ndims), optional per-head q/k layernorm before RoPE",
+    "persimmon": "fused query_key_value, partial rotary, per-head q/k layernorm before RoPE",
     # mixture-of-experts siblings: the attention of their dense family
     "mixtral": "as mistral",
     "qwen2_moe": "as qwen2",
@@ -66,9 +68,16 @@ REFUSED_FAMILIES = {
     "glm4": "interleaved partial RoPE, not the rotate-half convention the op re-rotates",
     "helium": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
     "ernie4_5": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
+    "gpt_neox": "its decoder is model.gpt_neox, not model.model (not checked yet)",
+    "gemma3n": "per-layer KV sharing across layers (not checked yet)",
     "hunyuan_v1_dense": "q/k layernorm after RoPE: a stored key's per-dimension norm weights do not commute "
                         "with re-rotation",
 }
+_HYBRID = ("hybrid: some layers are linear-attention or state-space mixers, with no per-token keys to "
+           "retrieve")
+REFUSED_FAMILIES.update({f: _HYBRID for f in ("qwen3_next", "qwen3_5", "qwen3_5_moe", "lfm2", "lfm2_moe", "falcon_h1",
+                                              "granitemoehybrid", "olmo_hybrid", "minimax", "jamba", "zamba2",
+                                              "bamba", "nemotron_h")})
 # RoPE variants that are a pure rotation by position * inv_freq (re-rotation by a delta is exact). yarn
 # scales cos and sin by its attention factor: the stored key carries the scale, rotation is still exact.
 PURE_ROTATION_ROPE = ("default", "linear", "llama3", "yarn")
