@@ -253,6 +253,46 @@ def test_saved_memory_continues_as_the_live_one(name, tmp_path):
     assert torch.equal(live, loaded)
 
 
+def test_window_layers_store_only_their_window():
+    """gemma3's sliding layer keeps about 2 x (window + chunk) keys whatever the context; the global layer
+    keeps all; both report the true length (what persistence counts)."""
+    model = family_model("gemma3")
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL))
+    try:
+        ids = torch.randint(3, 97, (1, 600), generator=torch.Generator().manual_seed(1))
+        mem = ctxmem.read_memory(model, ids)
+        for _ in range(40):  # decode steps: appends past the buffer shift the window to the front
+            model(ids[:, :1], cache=mem, logits_to_keep=1)
+    finally:
+        ctxmem.unwrap(model)
+    sliding, full = mem.layers
+    assert sliding.k.shape[2] <= 2 * (12 + 24) and full.k.shape[2] >= 640
+    assert int(sliding.lengths[0]) == int(full.lengths[0]) == 640
+    assert int(sliding.start[0]) + int(sliding.kept[0]) == 640 and int(sliding.kept[0]) >= 11
+
+
+@pytest.mark.parametrize("name", ["gemma2", "exaone4"])
+def test_left_padded_batch_matches_rows_alone(name):
+    """Window layers trim each row on its own; retrieval layers re-rotate per row: padding must not leak."""
+    model = family_model(name, seed=11)
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**dict(SMALL, prefill_chunk=20)))
+    try:
+        g = torch.Generator().manual_seed(4)
+        a = torch.randint(3, 97, (1, 130), generator=g)
+        b = torch.randint(3, 97, (1, 87), generator=g)
+        pad = 130 - 87
+        batch = torch.cat([a, torch.cat([torch.full((1, pad), 0), b], 1)])
+        mask = torch.ones_like(batch)
+        mask[1, :pad] = 0
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        alone_a = model.generate(a, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        alone_b = model.generate(b, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    finally:
+        ctxmem.unwrap(model)
+    assert torch.equal(out[0, -10:], alone_a[0, -10:])
+    assert torch.equal(out[1, -10:], alone_b[0, -10:])
+
+
 def test_refusals_name_the_reason():
     model = family_model("phi3")
     model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,

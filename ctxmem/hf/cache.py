@@ -47,6 +47,98 @@ class MemoryLayer(BlockStoreLayer, CacheLayerMixin):
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("ctxmem working memory does not support beam search yet")
 
+    # -- a sliding-window layer keeps only what its window reads ---------------------------------
+    # ``MemoryCache.attend`` tells the layer its window (the module passes it with every call). From
+    # the next update on, the layer stores each row's keys from ``start[b]`` on (``kept[b]`` of them,
+    # contiguous true positions; at least the last window - 1 before a chunk), in a buffer of about
+    # 2 * (window + chunk) slots: when an append would overflow it, the last window - 1 keys move to
+    # the front (amortised O(1) per token). ``lengths`` stays the true length (what persistence and
+    # the block layout count); the op gets ``kept`` (positions are relative: a window layer has no
+    # re-rotation, and the query of row b sits right after its kept keys).
+    window: int | None = None
+    kept: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+
+    def set_window(self, window: int) -> None:
+        self.window = int(window)
+
+    @property
+    def reps(self):
+        """Block representatives; a window layer has none to read (zeros, a view of one value, as many
+        blocks as its true length holds: what persistence writes for every layer)."""
+        if self.kept is None:
+            return self._reps
+        B, H, _, D = self.k.shape
+        cfg = self.owner.cfg
+        nb = max(0, (int(self.lengths.max()) - cfg.sink_tokens) // cfg.block_size) + 1
+        return self._reps.new_zeros(()).expand(B, H, nb, self._reps.shape[3], D)
+
+    @reps.setter
+    def reps(self, value) -> None:
+        self._reps = value
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.window is None or not self.is_initialized:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if self.kept is None:  # the first chunk went to the full store: from now on keep the window only
+            self.kept, self.start = self.lengths.clone(), torch.zeros_like(self.lengths)
+            self._reps = self._reps[:, :, :0]  # never read by a window layer
+            self._trim(key_states.shape[2], shrink=True)
+        n_new = self.owner.n_new
+        C = key_states.shape[2]
+        if int((self.kept + n_new).max()) > self.k.shape[2]:
+            self._trim(C)
+        for b in range(key_states.shape[0]):
+            n = int(n_new[b])
+            if n == 0:
+                continue
+            kb = int(self.kept[b])
+            self.k[b, :, kb:kb + n] = key_states[b, :, C - n:]
+            self.v[b, :, kb:kb + n] = value_states[b, :, C - n:]
+            self.kept[b] = kb + n
+            self.lengths[b] += n
+        return key_states, value_states
+
+    def _trim(self, chunk: int, shrink: bool = False) -> None:
+        """Keep each row's last window - 1 keys, at the front of a buffer with room for more chunks."""
+        keep = self.window - 1
+        B, H, cap, D = self.k.shape
+        new_cap = max(2 * (keep + chunk), 64)
+        for b in range(B):
+            kb = int(self.kept[b])
+            drop = max(0, kb - keep)
+            if drop:
+                self.k[b, :, : kb - drop] = self.k[b, :, drop:kb].clone()
+                self.v[b, :, : kb - drop] = self.v[b, :, drop:kb].clone()
+                self.kept[b] = kb - drop
+                self.start[b] += drop
+        if shrink or new_cap > cap:
+            n = min(cap, new_cap)
+            k, v = self.k.new_zeros(B, H, new_cap, D), self.v.new_zeros(B, H, new_cap, D)
+            k[:, :, :n], v[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n]
+            self.k, self.v = k, v
+
+    def op_inputs(self, query: torch.Tensor, params, bias: torch.Tensor | None):
+        if self.kept is None:
+            return super().op_inputs(query, params, bias)
+        reps = self.k.new_zeros(self.k.shape[0], self.k.shape[1], 1, self.owner.cfg.reps_per_block, self.k.shape[3])
+        return self.k, self.v, reps, self.kept.clone(), bias, None
+
+    def export_row(self, b: int):
+        """The row at its true positions (what persistence writes): keys before ``start`` are zeros, never
+        read by the window layer that dropped them."""
+        if self.kept is None:
+            return super().export_row(b)
+        L, s0, kb = int(self.lengths[b]), int(self.start[b]), int(self.kept[b])
+        H, D = self.k.shape[1], self.k.shape[3]
+        k, v = self.k.new_zeros(H, L, D), self.v.new_zeros(H, L, D)
+        k[:, s0:], v[:, s0:] = self.k[b, :, :kb], self.v[b, :, :kb]
+        return k, v, 0
+
+    def reset(self) -> None:
+        self.window = self.kept = self.start = None
+        super().reset()
+
 
 class TieredMemoryLayer(TieredStoreLayer, MemoryLayer):
     """The bounded-RAM layer (``ram_budget``), as a transformers cache layer."""
@@ -91,6 +183,8 @@ class MemoryCache(BlockStore, Cache):
         so the op moves them with zero frequencies: the identity)."""
         layer = self.layers[layer_idx]
         params = self.op_params(scaling)
+        if window is not None and getattr(layer, "window", None) != window and hasattr(layer, "set_window"):
+            layer.set_window(window)  # from its next update the layer stores only what the window reads
         if window is not None or softcap is not None:
             params = dataclasses.replace(params, window=None if window is None else int(window),
                                          softcap=None if softcap is None else float(softcap))
