@@ -12,6 +12,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..memory import BlockStore, BlockStoreLayer, TieredStoreLayer
+from ..memory.block_store import grown
 from ..ops import retrieval_attention
 
 
@@ -26,6 +27,15 @@ def rope_inv_freq(model) -> torch.Tensor:
             return inv
     raise ValueError(f"ctxmem: {type(model).__name__} has no .model.rotary_emb.inv_freq (or full_attention_inv_freq); "
                      "ctxmem re-rotates stored keys and needs the model's RoPE frequencies")
+
+
+def sliding_layers(mc) -> list[int]:
+    """Layers the config calls sliding-window (they keep their window exactly and never retrieve)."""
+    n = int(getattr(mc, "num_hidden_layers", 0))
+    lt = getattr(mc, "layer_types", None)
+    if lt:
+        return [i for i, t in enumerate(lt) if t == "sliding_attention"]
+    return list(range(n)) if getattr(mc, "sliding_window", None) else []
 
 
 class MemoryLayer(BlockStoreLayer, CacheLayerMixin):
@@ -58,6 +68,20 @@ class MemoryLayer(BlockStoreLayer, CacheLayerMixin):
     window: int | None = None
     kept: torch.Tensor | None = None
     start: torch.Tensor | None = None
+    # The config calls this layer sliding: until the module confirms its window (first attend), grow the
+    # store as needed instead of reserving the whole read ahead (which the window would then discard).
+    maybe_window: bool = False
+
+    def reserve(self, need: int) -> None:
+        if not (self.maybe_window and self.window is None):
+            return super().reserve(need)
+        cap = self.k.shape[2]
+        if need <= cap:
+            return
+        S = self.owner.cfg.block_size
+        new_cap = -(-max(need, cap + cap // 4, 64) // S) * S
+        self.k, self.v = grown(self.k, 2, new_cap), grown(self.v, 2, new_cap)
+        self.reps = grown(self.reps, 2, new_cap // S)
 
     def set_window(self, window: int) -> None:
         self.window = int(window)
@@ -154,8 +178,12 @@ class MemoryCache(BlockStore, Cache):
     layer_cls = MemoryLayer
     tiered_layer_cls = TieredMemoryLayer
 
-    def __init__(self, num_layers: int, cfg, inv_freq: torch.Tensor, tokenizer=None, embedder=None):
+    def __init__(self, num_layers: int, cfg, inv_freq: torch.Tensor, tokenizer=None, embedder=None,
+                 window_layers=()):
         BlockStore.__init__(self, num_layers, cfg, inv_freq, tokenizer=tokenizer, embedder=embedder)
+        for i in window_layers:  # (see MemoryLayer.maybe_window)
+            if isinstance(self.layers[i], MemoryLayer) and not isinstance(self.layers[i], TieredMemoryLayer):
+                self.layers[i].maybe_window = True
         Cache.__init__(self, layers=self.layers)
         self.backends_run: dict[str, int] = {}  # which op backend ran, and how many times (layer calls)
         self.nope_freq = torch.zeros_like(self.inv_freq)  # a NoPE layer's frequencies: moving is the identity

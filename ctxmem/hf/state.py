@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import MemoryConfig
-from .cache import MemoryCache, rope_inv_freq
+from .cache import MemoryCache, rope_inv_freq, sliding_layers
 
 
 @dataclass
@@ -29,4 +29,4 @@ def new_cache(model) -> MemoryCache:
     """A fresh working memory for a wrapped model (``generate`` makes one by itself)."""
     state = model._ctxmem
     return MemoryCache(model.config.num_hidden_layers, state.cfg, rope_inv_freq(model),
-                       tokenizer=state.tokenizer, embedder=state.embedder)
+                       tokenizer=state.tokenizer, embedder=state.embedder, window_layers=sliding_layers(model.config))

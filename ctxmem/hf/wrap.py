@@ -17,7 +17,7 @@ import torch
 
 from ..config import MemoryConfig
 from . import attention
-from .cache import MemoryCache, rope_inv_freq
+from .cache import MemoryCache, rope_inv_freq, sliding_layers
 from .forward import SUMMARY_ID, ChunkedForward, chunk_size  # noqa: F401  (SUMMARY_ID: public name)
 from .state import WrapState, new_cache
 
@@ -102,15 +102,6 @@ def _rope_types(mc) -> list[str]:
 
 def _rope_type(mc) -> str:
     return _rope_types(mc)[0]
-
-
-def sliding_layers(mc) -> list[int]:
-    """Layers that attend through a sliding window (they keep it exactly and never retrieve)."""
-    n = int(getattr(mc, "num_hidden_layers", 0))
-    lt = getattr(mc, "layer_types", None)
-    if lt:
-        return [i for i, t in enumerate(lt) if t == "sliding_attention"]
-    return list(range(n)) if getattr(mc, "sliding_window", None) else []
 
 
 def nope_layers(mc) -> list[int]:
