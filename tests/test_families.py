@@ -305,6 +305,24 @@ def test_left_padded_batch_matches_rows_alone(name):
     assert torch.equal(out[1, -10:], alone_b[0, -10:])
 
 
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_outside_a_memory_the_wrapped_model_attends_as_stock(name):
+    """The class forward of a wrapped model (no active memory: e.g. a compressor's own pass) falls back to
+    stock attention, soft-capping and sliding windows included (sdpa has no soft-capping: eager)."""
+    model = family_model(name, seed=4)
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    ref = model(ids, attention_mask=mask).logits
+    ctxmem.wrap(model, ctxmem.MemoryConfig(**SMALL))
+    try:
+        out = type(model).forward(model, ids, attention_mask=mask).logits
+    finally:
+        ctxmem.unwrap(model)
+    assert (out - ref)[0].abs().max().item() <= 1e-5
+    assert (out - ref)[1, 7:].abs().max().item() <= 1e-5
+
+
 def test_refusals_name_the_reason():
     model = family_model("phi3")
     model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,

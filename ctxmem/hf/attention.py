@@ -46,7 +46,8 @@ def _softcap_attention(module, query, key, value, attention_mask, dropout, scali
         mask = torch.ones(query.shape[2], k.shape[2], dtype=torch.bool, device=query.device).tril()
     if mask is not None:
         mask = mask[..., : k.shape[2]]
-        w = w.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else w + mask
+        # the dtype's min, not -inf: a fully masked (padding) row stays finite, as in the eager path
+        w = w.masked_fill(~mask, torch.finfo(w.dtype).min) if mask.dtype == torch.bool else w + mask
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
     w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
     return torch.matmul(w, v).transpose(1, 2).contiguous(), w
