@@ -180,6 +180,26 @@ def test_full_budget_equals_stock_any_sizes(name, block, sink, local, chunk, len
     assert (out - ref).abs().max().item() <= 1e-4
 
 
+@settings(max_examples=10, deadline=None)
+@given(name=st.sampled_from(FAMILIES + FURTHER), block=st.sampled_from([4, 8, 16]), topk=st.integers(0, 3),
+       sink=st.integers(0, 8), local=st.integers(0, 24), chunk=st.integers(4, 32))
+def test_any_budget_is_exact_until_the_first_block_leaves_the_window(name, block, topk, sink, local, chunk):
+    """Whatever topk: a chunk starting before sink + local + block has no middle block to choose from, so it
+    attends exactly as the stock model (window layers always do); later chunks may differ."""
+    model = family_model(name, seed=9)
+    ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(block + topk))
+    ref = model(ids).logits
+    ctxmem.wrap(model, ctxmem.MemoryConfig(block_size=block, topk_blocks=topk, sink_tokens=sink, local_tokens=local,
+                                           prefill_chunk=chunk, selector="keys"))
+    try:
+        out = model(ids).logits
+    finally:
+        ctxmem.unwrap(model)
+    starts = [max(0, e - chunk) for e in range(120, 0, -chunk)]  # chunks are cut from the end
+    exact_until = min([s for s in starts if s >= sink + local + block] + [120])
+    assert (out[:, :exact_until] - ref[:, :exact_until]).abs().max().item() <= 1e-4
+
+
 def _model_rope(model, k, pos):
     """``k`` [1, H, n, D] rotated by the model's own rotary embedding and apply_rotary_pos_emb at ``pos``
     (the global layers' embedding where it has one per layer type; the leading dims only where partial)."""
