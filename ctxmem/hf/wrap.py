@@ -59,8 +59,9 @@ FAMILY_NOTES = {
 SUPPORTED_FAMILIES = tuple(FAMILY_NOTES)
 # Families refused with a reason of their own (beyond "not checked yet").
 REFUSED_FAMILIES = {
-    "gemma3": "the multimodal Gemma3ForConditionalGeneration; load the text model (Gemma3ForCausalLM, "
-              "model_type 'gemma3_text') to wrap it",
+    "gemma3": "the multimodal Gemma3ForConditionalGeneration (image tokens attend bidirectionally, which the "
+              "causal op does not do); load the text model (Gemma3ForCausalLM, model_type 'gemma3_text') to "
+              "wrap it",
     "gpt2": "learned absolute position embeddings: keys carry no rotation to move them by",
     "cohere": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
     "cohere2": "interleaved RoPE (pairs 2i, 2i+1), not the rotate-half convention the op re-rotates",
