@@ -211,6 +211,9 @@ class MemoryCache(BlockStore, Cache):
         so the op moves them with zero frequencies: the identity)."""
         layer = self.layers[layer_idx]
         params = self.op_params(scaling)
+        if isinstance(layer, TieredMemoryLayer) and (window is not None or not rope):
+            raise ValueError(f"ctxmem: layer {layer_idx} is a {'sliding-window' if window is not None else 'NoPE'} layer, "
+                             "which the bounded-RAM store (ram_budget) does not support yet; leave ram_budget unset")
         if window is not None and getattr(layer, "window", None) != window and hasattr(layer, "set_window"):
             layer.set_window(window)  # from its next update the layer stores only what the window reads
         if window is not None or softcap is not None:
