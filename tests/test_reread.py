@@ -39,6 +39,7 @@ def test_a_best_block_with_neighbours_comes_whole_when_it_fits():
 
 
 # -- where the question starts --------------------------------------------------------------------
+@pytest.mark.slow
 def test_question_tail_is_what_follows_the_last_blank_line(smollm2):
     model, tok = smollm2
     from ctxmem.reading import build_prompt
@@ -68,6 +69,7 @@ def _prompt(tok, key="48213", reps=30):
     return torch.tensor([list(ids) + tok("The pass key is", add_special_tokens=False)["input_ids"]])
 
 
+@pytest.mark.slow
 def test_reread_passages_hold_the_needle_and_generate_counts_right(smollm2):
     model, tok = smollm2
     ids = _prompt(tok)
@@ -94,6 +96,7 @@ def test_reread_passages_hold_the_needle_and_generate_counts_right(smollm2):
     assert "48213" in tok.decode(out[0, ids.shape[1]:])
 
 
+@pytest.mark.slow
 def test_reread_equals_the_stock_model_reading_the_passages_as_text(smollm2, monkeypatch):
     """With a budget that covers everything, the wrapped model is exact; forcing reread on then must give
     what the stock model gives for [body, passages, question] written out, logits and greedy tokens."""
@@ -128,6 +131,7 @@ def test_bad_reread_budget_is_refused_by_name(bad):
         ctxmem.MemoryConfig(reread_tokens=bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ram", [None, "2MB"])
 def test_cli_ask_rereads_from_the_document_and_from_a_saved_memory(tmp_path, capsys, ram):
     import json
