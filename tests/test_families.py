@@ -36,7 +36,7 @@ def family_model(name: str, seed: int = 0, window: int = 100_000):
                                                      max_window_layers=1)
     elif name == "qwen3-yarn":
         cls, cfg = T.Qwen3ForCausalLM, T.Qwen3Config(**c, rope_parameters={
-            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 25_000})
     elif name == "olmo2":
         cls, cfg = T.Olmo2ForCausalLM, T.Olmo2Config(**c)
     elif name == "granite":
