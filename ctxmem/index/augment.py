@@ -3,7 +3,8 @@
 :func:`knowledge_context` turns the hits for a prompt into a block of text to put before the
 user's prompt. The contract:
 
-* **Retrieve**: the query is embedded with the KB's embedder and the top ``k`` chunks taken.
+* **Retrieve**: the top ``k`` chunks of the KB's default search (``mode="hybrid"``: the query's
+  embedding and its words, rankings fused; :meth:`KnowledgeIndex.search`).
 * **Deduplicate**: hits from the same source whose character spans overlap or touch (adjacent
   chunks share their overlap tokens) are merged into one passage, scored by the best of them;
   then passages with the same text (whitespace-normalised) from different sources are kept

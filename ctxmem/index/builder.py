@@ -183,6 +183,7 @@ class Session:
             raise BadInputError(f"{self.dir} exists and is not a folder")
         self._created = False
         self.commits = 0
+        self.progress = False  # a progress bar (stderr) for the lexical upgrade of an old KB
         if not self.dir.exists():
             if not create_ok:
                 raise BadInputError(f"no KB at {self.dir}")
@@ -380,14 +381,26 @@ class Session:
         their chunk texts first. Returns False when nothing needed writing.
         """
         m = self.m
-        for seg in sorted(m["segments"]):
-            if seg + ".lex" not in m["files"]:
+        missing = [seg for seg in sorted(m["segments"]) if seg + ".lex" not in m["files"]]
+        bar = None
+        if missing and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(m["segments"][s]["chunks"] for s in missing), unit="chunk",
+                       desc="ctxmem index: term counts", dynamic_ncols=True, mininterval=0.5)
+        try:
+            for seg in missing:
                 store = open_store(self.dir, m, seg, checksum=True)
                 try:
                     texts = [r["text"] for r in store.records()]
                 finally:
                     store.close()
                 self.write_file(seg + ".lex", lexical.encode_segment(lexical.count_terms(texts)))
+                if bar is not None:
+                    bar.update(len(texts))
+        finally:
+            if bar is not None:
+                bar.close()
         cur = m.get("lexical")
         digest = lexical.ids_digest(ids)
         if (cur is not None and cur["file"] in m["files"] and cur["ids_sha256"] == digest

@@ -153,7 +153,7 @@ def _cmd_query(args) -> int:
 def _cmd_upgrade(args) -> int:
     from .knowledge import KnowledgeIndex
 
-    report = KnowledgeIndex.upgrade(args.kb)
+    report = KnowledgeIndex.upgrade(args.kb, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report))
     elif report["changed"]:
@@ -267,6 +267,7 @@ def add_index_parser(subparsers) -> None:
     u = sub.add_parser("upgrade", help="add what a KB written by an older ctxmem lacks (the lexical index), "
                                        "without re-embedding")
     u.add_argument("kb", metavar="KB")
+    u.add_argument("--no-progress", action="store_true", help="no progress bar")
     u.add_argument("--json", action="store_true")
     u.set_defaults(func=_cmd_upgrade)
 

@@ -112,7 +112,7 @@ class KnowledgeIndex:
 
     @property
     def has_lexical(self) -> bool:
-        """Whether this KB holds a BM25 index (KBs built before ctxmem 0.2 do not; see :meth:`upgrade`)."""
+        """Whether this KB holds a BM25 index (KBs written before it existed do not; see :meth:`upgrade`)."""
         return self._m.get("lexical") is not None
 
     def _lexical(self) -> "lexical.LexicalSearcher":
@@ -198,6 +198,7 @@ class KnowledgeIndex:
         chunker = make_chunker(emb, chunk_tokens, overlap, max_chars)
         out_dir = Path(out_dir)
         with Session(out_dir, create_ok=True) as sess:
+            sess.progress = progress
             if sess.m is None:
                 sess.m = new_manifest(embed.describe(emb), chunker, text_field, index)
             else:
@@ -252,6 +253,7 @@ class KnowledgeIndex:
         embed.check_same(emb, m["embedder"], f"KB {path}")
         with Session(path, create_ok=False) as sess:
             m = sess.m
+            sess.progress = progress
             check_writable_state(m, "add", path)
             ch = m["chunking"]
             chunker = Chunker(embed.tokenizer_of(emb), chunk_tokens=ch["chunk_tokens"], overlap=ch["overlap"],
@@ -306,6 +308,7 @@ class KnowledgeIndex:
             raise BadInputError(f"no KB at {path} (not a folder)")
         with Session(path, create_ok=False) as sess:
             m = sess.m
+            sess.progress = progress
             check_writable_state(m, "upgrade", path)
             changed = sess.finalize((m.get("index") or {}).get("requested", "auto"))
             m = sess.m
