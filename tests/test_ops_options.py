@@ -160,3 +160,26 @@ def test_bad_options_are_refused():
     c = make_case(B=1, Hkv=1, G=1, D=16, S=8, R=1, topk=1, sink=0, local=8, C=1, ts=[40], ns=[1], seed=0)
     with pytest.raises(ValueError, match="inv_freq has 12 frequencies"):
         retrieval_attention_ref(*dataclasses.replace(c, inv_freq=torch.ones(12)).args())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opt", [dict(softcap=5.0), dict(window=20), dict(rotary=32), dict(window=7, softcap=2.0)])
+def test_on_a_gpu_decode_with_options_runs_batched_and_matches(opt, dtype, monkeypatch):
+    """On CUDA tensors the CUDA decode kernel refuses these options: auto runs 'batched' there, which must
+    match the reference (fp32: 1e-4; bf16: within twice the reference's own bf16 error)."""
+    c32 = with_options(make_case(B=2, Hkv=2, G=3, D=64, S=8, R=2, topk=2, sink=4, local=16, C=1, ts=[300, 90],
+                                 ns=[1, 1], seed=1), **opt)
+    c = c32.to(dtype, "cuda")
+    out, _, ran = retrieval_attention(*c.args(), report=True)
+    assert ran == "batched"
+    exact = c.to(torch.float32, "cpu")
+    want, _ = retrieval_attention_ref(*exact.args())
+    tol = 1e-4 if dtype == torch.float32 else 2 * (retrieval_attention_ref(*c.to(device="cpu").args())[0].float()
+                                                   - want).abs().max().item() + 1e-3
+    assert (out.float().cpu() - want).abs().max().item() <= tol
+    from ctxmem.ops import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_fallback_allowed", False)
+    with pytest.raises(RuntimeError, match="cuda decode"):
+        retrieval_attention(*c.args(), backend="cuda")
