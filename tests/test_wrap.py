@@ -185,6 +185,8 @@ def test_bad_inputs_are_refused():
     right_pad[0, -3:] = 0
     with pytest.raises(ValueError, match="left padding"):
         model(ids, attention_mask=right_pad)
+    with pytest.raises(ValueError, match="cache_implementation"):  # generate's per-layer-type mask mapping
+        model(ids, attention_mask={"full_attention": torch.ones(2, 10, dtype=torch.bool)})
     with pytest.raises(ValueError, match="already wrapped"):
         ctxmem.wrap(model)
     ctxmem.unwrap(model)

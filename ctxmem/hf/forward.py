@@ -301,6 +301,10 @@ class ChunkedForward:
         if attention_mask is None:
             valid = torch.ones(B, L, dtype=torch.bool)
         else:
+            if not isinstance(attention_mask, torch.Tensor):  # e.g. generate(cache_implementation="static")
+                raise ValueError(f"ctxmem: attention_mask must be the 2-D [batch, past + new] padding mask, got a "
+                                 f"{type(attention_mask).__name__} (a wrapped model keeps its context in its own "
+                                 "MemoryCache: leave generate's cache_implementation unset)")
             if attention_mask.dim() != 2 or attention_mask.shape != (B, past + L):
                 raise ValueError(f"ctxmem: attention_mask must be 2-D [batch, past + new] = [{B}, {past + L}], "
                                  f"got {tuple(attention_mask.shape)}")
