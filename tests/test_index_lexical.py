@@ -247,3 +247,18 @@ def test_every_kb_file_kind_is_present(built):
     files = read_manifest(root / "kb")["files"]
     assert sum(f.endswith(".lex") for f in files) == sum(f.endswith(".chunks") for f in files) >= 2
     assert sum(f.endswith(".bm25") for f in files) == 1
+
+
+def test_damaged_term_counts_are_named_when_the_bm25_index_is_rebuilt(built, tmp_path):
+    root, kb = built
+    work = tmp_path / "kb"
+    shutil.copytree(root / "kb", work)
+    lex = sorted(f for f in read_manifest(work)["files"] if f.endswith(".lex"))[0]
+    b = bytearray((work / lex).read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    (work / lex).write_bytes(bytes(b))
+    assert KnowledgeIndex.open(work).search("copper harbor", k=3) == kb.search("copper harbor", k=3)  # not read
+    extra = write_corpus(tmp_path / "extra", n_files=1, words_per_file=40, seed=10, subdirs=0)
+    with pytest.raises(IndexCorruptError) as ei:
+        KnowledgeIndex.add_to(work, extra)
+    assert ei.value.path == str(work / lex)

@@ -1,4 +1,4 @@
-"""``KnowledgeIndex``: a persistent FAISS index over chunks of a corpus, with provenance.
+"""``KnowledgeIndex``: a persistent FAISS + BM25 index over chunks of a corpus, with provenance.
 
 >>> kb = KnowledgeIndex.build(["docs/", "notes.txt"], "kb/")          # doctest: +SKIP
 >>> KnowledgeIndex.open("kb/").search("a question", k=5)               # doctest: +SKIP
@@ -9,8 +9,8 @@ embeddings and a BM25 index over their words (:mod:`ctxmem.index.lexical`), by r
 fusion, with chunks that hold the query's words verbatim first. ``Hit.score`` is, by mode:
 ``dense``, the cosine similarity of the query and the chunk (inner product of normalised
 embeddings); ``lexical``, the chunk's BM25 score; ``hybrid``, the fused score ``sum 1 / (60 +
-rank)``, plus 1.0 for a chunk that holds the query verbatim (:func:`ctxmem.index.lexical.fuse`). ``text == read_source_text(source)[start:end]``. The on-disk layout, the commit
-and resume rules are in :mod:`ctxmem.index.builder`; input policy in :mod:`ctxmem.index.sources`.
+rank)``, plus 1.0 for a chunk that holds the query verbatim (:func:`ctxmem.index.lexical.fuse`).
+``text == read_source_text(source)[start:end]``. The on-disk layout, the commit and resume rules are in :mod:`ctxmem.index.builder`; input policy in :mod:`ctxmem.index.sources`.
 """
 from __future__ import annotations
 
