@@ -21,7 +21,9 @@ def template(tmp_path_factory):
     files = [MANIFEST] + sorted(read_manifest(root / "kb")["files"])
     assert any(f.endswith(".chunks") for f in files) and any(f.endswith(".npy") for f in files)
     assert any(f.endswith(".faiss") for f in files) and len(files) >= 6
+    assert any(f.endswith(".lex") for f in files) and any(f.endswith(".bm25") for f in files)
     ref = {q: kb.search(q, k=len(kb)) for q in QUERIES}
+    ref.update({("lexical", q): kb.search(q, k=len(kb), mode="lexical") for q in QUERIES})
     return root / "kb", files, ref, chunk_list(kb)
 
 
@@ -64,6 +66,7 @@ def test_every_file_every_corruption(template, tmp_path):
         try:
             kb = KnowledgeIndex.open(work)
             got = {q: kb.search(q, k=len(ref[q])) for q in QUERIES}
+            got.update({("lexical", q): kb.search(q, k=len(kb), mode="lexical") for q in QUERIES})
             all_chunks = chunk_list(kb)
             kb.close()
         except IndexCorruptError as e:
@@ -81,9 +84,11 @@ def test_leftovers_of_a_kill_are_ignored_then_cleaned(template, tmp_path):
     (work / ".manifest.msgpack.abc123.tmp").write_bytes(b"half a manifest")
     (work / "seg-999999.chunks").write_bytes(b"orphan segment")
     (work / "index-999999.faiss").write_bytes(b"orphan index")
+    (work / "lexical-999999.bm25").write_bytes(b"orphan lexical index")
+    (work / "seg-999999.lex").write_bytes(b"orphan term counts")
     verify_kb(work)
     kb = KnowledgeIndex.open(work)
-    assert {q: kb.search(q, k=len(ref[q])) for q in QUERIES} == ref
+    assert {q: kb.search(q, k=len(ref[q])) for q in QUERIES} == {q: ref[q] for q in QUERIES}
     kb.remove(sorted(kb.sources)[0])  # any write cleans up what no manifest names
     left = set(os.listdir(work)) - {".lock"}
     assert left == {MANIFEST} | set(read_manifest(work)["files"])

@@ -26,9 +26,11 @@ class Crash(Exception):
 
 
 def canon(kb):
-    """All search results, order-independent among ties: sorted (score, source, start)."""
-    return {q: sorted((round(-h.score, 5), h.source, h.start, h.end) for h in kb.search(q, k=len(kb)))
-            for q in QUERIES}
+    """All search results of every mode (hybrid, dense, lexical), order-independent among ties:
+    sorted (score, source, start)."""
+    return {(q, mode): sorted((round(-h.score, 5), h.source, h.start, h.end)
+                              for h in kb.search(q, k=len(kb), mode=mode))
+            for q in QUERIES for mode in ("hybrid", "dense", "lexical")}
 
 
 @pytest.fixture(scope="module")
