@@ -262,3 +262,38 @@ def test_damaged_term_counts_are_named_when_the_bm25_index_is_rebuilt(built, tmp
     with pytest.raises(IndexCorruptError) as ei:
         KnowledgeIndex.add_to(work, extra)
     assert ei.value.path == str(work / lex)
+
+
+@settings(max_examples=25, deadline=None)
+@given(texts=st.lists(st.text(alphabet="ab c_\n.é", max_size=40), min_size=0, max_size=12))
+def test_save_load_is_the_identity(texts):
+    st_ = lexical.count_terms(texts)
+    back = lexical.decode_segment(lexical.encode_segment(st_), "seg.lex", len(texts))
+    assert back.terms == st_.terms and back.n == len(texts)
+    for f in ("doc_len", "indptr", "term", "tf"):
+        np.testing.assert_array_equal(getattr(back, f), getattr(st_, f))
+    # every chunk's counts are its tokens' counts
+    _, ids = lexical.tokenize(texts) if texts else ([], [])
+    for i, toks in enumerate(ids):
+        a, b = st_.indptr[i], st_.indptr[i + 1]
+        assert dict(zip(st_.term[a:b].tolist(), st_.tf[a:b].tolist())) == \
+            {t: toks.count(t) for t in set(toks)} and st_.doc_len[i] == len(toks)
+    arr = lexical.build_arrays([(st_, np.arange(len(texts)), np.arange(len(texts)))])
+    again = lexical.decode_index(lexical.encode_index(arr), "x.bm25")
+    assert again.vocab == arr.vocab and again.avgdl == arr.avgdl
+    for f in ("ids", "data", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(again, f), getattr(arr, f))
+
+
+def test_query_cli_on_an_old_kb_notes_dense_only_on_stderr(built, tmp_path, capsys):
+    root, kb = built
+    old = tmp_path / "old"
+    shutil.copytree(root / "kb", old)
+    _strip_lexical(old)
+    assert index_cli(["index", "query", str(old), "copper harbor", "-k", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["mode"] == "dense" and "no lexical index" in err and "ctxmem index upgrade" in err
+    assert index_cli(["index", "query", str(old), "copper harbor", "--mode", "lexical", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["kind"] == "BadInputError"
