@@ -658,7 +658,8 @@ def bench_retrieval(args) -> dict:
                       "standard library; files <= 40 KB, seeded order",
             "embedder": args.embedder, "chunks": len(texts), "files": len(chosen), "chunk_tokens": 128, "overlap": 16,
             "index_type": kb.info()["index_type"], "lexical": kb.info()["lexical"],
-            "build_seconds": build_s, "build_embed_seconds": s["embed_seconds"], "embedder_alone_seconds": embed_alone_s,
+            "build_seconds": build_s, "build_embed_seconds": s["embed_seconds"],
+            "embedder_alone_seconds": embed_alone_s,
             "build_over_embedder": build_s / embed_alone_s,
             "table": table,
             "search_ms": {m: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for m, v in lat.items()},
@@ -705,7 +706,8 @@ def bench_lexical_scale(args) -> list[dict]:
         del blob, arrays
         gc.collect()
         qs = scale_queries(texts, np.random.default_rng(3), args.scale_queries, args.scale_queries, searcher)
-        log(f"  lexical: term counts {count_s:.1f} s ({count_cpu:.1f} s cpu), index {index_s:.1f} s ({index_cpu:.1f} s cpu), "
+        log(f"  lexical: term counts {count_s:.1f} s ({count_cpu:.1f} s cpu), "
+            f"index {index_s:.1f} s ({index_cpu:.1f} s cpu), "
             f"load {open_s:.1f} s, {nbytes / 1e6:.0f} MB, "
             f"{len(searcher.vocab)} terms")
         # dense stand-in: synthetic vectors in the index type 'auto' picks at this size

@@ -10,7 +10,8 @@ fusion, with chunks that hold the query's words verbatim first. ``Hit.score`` is
 ``dense``, the cosine similarity of the query and the chunk (inner product of normalised
 embeddings); ``lexical``, the chunk's BM25 score; ``hybrid``, the fused score ``sum 1 / (60 +
 rank)``, plus 1.0 for a chunk that holds the query verbatim (:func:`ctxmem.index.lexical.fuse`).
-``text == read_source_text(source)[start:end]``. The on-disk layout, the commit and resume rules are in :mod:`ctxmem.index.builder`; input policy in :mod:`ctxmem.index.sources`.
+``text == read_source_text(source)[start:end]``. The on-disk layout, the commit and resume rules
+are in :mod:`ctxmem.index.builder`; input policy in :mod:`ctxmem.index.sources`.
 """
 from __future__ import annotations
 

@@ -358,7 +358,8 @@ def fuse(dense_ids, lexical_ids, k: int, query: str | None = None, text_of=None)
     if phrase is not None and len(ids):
         exact = {int(c) for c in lexical_ids[:PHRASE_CHECK] if holds_phrase(text_of(int(c)), phrase)}
         if exact:
-            scores = scores + PHRASE_BONUS * np.fromiter((int(c) in exact for c in ids), dtype=np.float64, count=len(ids))
+            held = np.fromiter((int(c) in exact for c in ids), dtype=np.float64, count=len(ids))
+            scores = scores + PHRASE_BONUS * held
             order = np.lexsort((ids, -scores))
             ids, scores = ids[order], scores[order]
     return ids[:k], scores[:k]
