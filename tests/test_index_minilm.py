@@ -38,12 +38,12 @@ def test_semantic_search_finds_the_right_document(kb):
         hits = kb.search(q, k=3)
         assert hits[0].source.endswith(want), (q, hits[0])
         assert read_source_text(hits[0].source)[hits[0].start:hits[0].end] == hits[0].text
-    # scores are cosines of the real embedder, in the index and in numpy alike
+    # dense scores are cosines of the real embedder, in the index and in numpy alike
     emb = ctxmem.load_embedder("minilm")
     q = emb.encode(["biggest planet storm"], normalize_embeddings=True)
     ids, vecs = kb.vectors()
     best = float(np.max(vecs @ q[0]))
-    assert abs(kb.search("biggest planet storm", 1)[0].score - best) < 1e-4
+    assert abs(kb.search("biggest planet storm", 1, mode="dense")[0].score - best) < 1e-4
 
 
 def test_reopen_equals_and_refuses_another_embedder(kb):
