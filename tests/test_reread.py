@@ -72,7 +72,7 @@ def _prompt(tok, key="48213", reps=30):
 @pytest.mark.slow
 def test_reread_passages_hold_the_needle_and_generate_counts_right(smollm2):
     model, tok = smollm2
-    ids = _prompt(tok)
+    ids = _prompt(tok, reps=12)
     cfg = ctxmem.MemoryConfig(block_size=32, topk_blocks=2, sink_tokens=16, local_tokens=64, prefill_chunk=128,
                               reread_tokens=160, reader=None)
     ctxmem.wrap(model, cfg, tokenizer=tok)
@@ -139,15 +139,17 @@ def test_cli_ask_rereads_from_the_document_and_from_a_saved_memory(tmp_path, cap
     from ctxmem.cli import main as cli_main
 
     doc = tmp_path / "doc.txt"
-    doc.write_text("Waves broke on the rocks all night. " * 60 + "The lighthouse keeper's cat is called Marmalade. "
-                   + "Waves broke on the rocks all night. " * 60)
-    args = ["ask", "What is the lighthouse keeper's cat called?", "--json", "--max-new-tokens", "10",
-            "--memory", str(tmp_path / "doc.mem"), "--set", "reread_tokens=256"] + (["--ram-budget", ram] if ram else [])
+    doc.write_text("Waves broke on the rocks all night. " * 25 + "The lighthouse keeper's cat is called Marmalade. "
+                   + "Waves broke on the rocks all night. " * 25)
+    small = ["block_size=32", "topk_blocks=2", "sink_tokens=16", "local_tokens=64", "reread_tokens=160"]
+    args = ["ask", "What is the lighthouse keeper's cat called?", "--json", "--max-new-tokens", "14",
+            "--memory", str(tmp_path / "doc.mem")] + [x for kv in small for x in ("--set", kv)] + \
+        (["--ram-budget", ram] if ram else [])
     assert cli_main(args + ["--context", str(doc)]) == 0
     first = json.loads(capsys.readouterr().out)
     assert cli_main(args) == 0  # the saved memory, and the question alone: it rereads from the memory
     second = json.loads(capsys.readouterr().out)
     assert second["memory"]["action"] == "loaded"
     for report in (first, second):
-        assert 0 < report["reread"]["tokens"] <= 256 and "Marmalade" in report["reread"]["text"], report
+        assert 0 < report["reread"]["tokens"] <= 160 and "Marmalade" in report["reread"]["text"], report
         assert "Marmalade" in report["answer"], report
