@@ -74,7 +74,7 @@ class MemoryConfig:
     cold_dtype      how blocks leaving the live tail are stored when ram_budget is set:
                     "fp16" (default), "int8" (per-channel scales) or "fp32" (exact)
     offload_dir     folder for the cold file (default: the system temp folder)
-    reread_tokens   0 = off. Else: when a question follows a long input (or a saved memory), the
+    reread_tokens   512 (0 = off): when a question follows a long input (or a saved memory), the
                     embedder ranks the input's blocks against the question's text, and up to this
                     many tokens of the best blocks (each with ``embed_neighbors`` neighbours, in
                     document order) are read again as fresh text just before the question, in the
@@ -82,6 +82,9 @@ class MemoryConfig:
                     densely ("the knowledge path applied to the context itself"). Needs the embed
                     selector (a tokenizer and an embedder). The question is the text after the
                     prompt's last blank line within its final ``reread_question_max`` tokens.
+                    On real text: 33/36 keys found at 4K-32K vs 8/36 for plain RAG and 2/8 without
+                    it (benchmarks/preregistered/reread.md). Cut to fit the model's trained window
+                    (``reread_budget``).
     reread_question_max  the longest question tail (tokens) searched for that blank line; without
                     one, the last ``query_tokens`` tokens count as the question
     reader          a LoRA adapter (``ctxmem.reader``) switched on for question chunks and decode
@@ -110,7 +113,7 @@ class MemoryConfig:
     ram_budget: int | str | None = None
     cold_dtype: str = "fp16"
     offload_dir: str | None = None
-    reread_tokens: int = 0
+    reread_tokens: int = 512
     reread_question_max: int = 256
     reader: str | None = "auto"
 
@@ -173,11 +176,18 @@ class MemoryConfig:
     def span(self, chunk: int | None = None) -> int:
         """Largest query-key distance (in positions) ctxmem can present to the model, reading in
         chunks of ``chunk`` tokens (default ``prefill_chunk``)."""
-        # question and decode steps (their local window stretches over the reread text and the question)
-        reread = self.reread_tokens + self.reread_question_max if self.reread_tokens else 0
-        reach = max(self.topk_blocks * self.block_size + self.local_tokens + reread,
+        reach = max(self.topk_blocks * self.block_size + self.local_tokens,  # question and decode steps
                     self.prefill_topk_blocks * self.block_size + self.prefill_local_tokens)  # body chunks
         return self.sink_tokens + reach + self.block_size + (self.prefill_chunk if chunk is None else chunk)
+
+    def reread_budget(self, window: int | None) -> int:
+        """Tokens of passages a question may read again on a model trained on ``window`` positions:
+        ``reread_tokens``, cut so that the question's chunk (passages + question, read as one) and the
+        decode steps after it (whose local window covers both) stay inside the window; 0 = none fit."""
+        if not self.reread_tokens or window is None:
+            return self.reread_tokens
+        fixed = self.sink_tokens + self.topk_blocks * self.block_size + self.local_tokens + self.block_size + 1
+        return max(0, min(self.reread_tokens, window - fixed - self.reread_question_max))
 
     def chunk_for(self, device_type: str, window: int | None = None) -> int:
         """The read chunk on a device: ``gpu_prefill_chunk`` on CUDA (never below ``prefill_chunk``,

@@ -153,3 +153,13 @@ def test_cli_ask_rereads_from_the_document_and_from_a_saved_memory(tmp_path, cap
     for report in (first, second):
         assert 0 < report["reread"]["tokens"] <= 160 and "Marmalade" in report["reread"]["text"], report
         assert "Marmalade" in report["answer"], report
+
+
+def test_reread_budget_fits_the_trained_window():
+    cfg = ctxmem.MemoryConfig(reread_tokens=512)
+    fixed = cfg.sink_tokens + cfg.topk_blocks * cfg.block_size + cfg.local_tokens + cfg.block_size + 1
+    assert cfg.reread_budget(None) == 512 and cfg.reread_budget(8192) == 512
+    room = fixed + cfg.reread_question_max + 300  # a window with room for 300 tokens of passages
+    assert cfg.reread_budget(room) == 300
+    assert cfg.reread_budget(fixed) == 0  # no room at all: no reread, and wrap still accepts the config
+    assert ctxmem.MemoryConfig(reread_tokens=0).reread_budget(8192) == 0

@@ -197,7 +197,7 @@ class ChunkedForward:
         blocks than a question attends, when the embed selector is on."""
         cfg = self.cfg
         B, L = input_ids.shape
-        if not cfg.reread_tokens or cache.text_index is None or L < 2:
+        if not self.reread_budget() or cache.text_index is None or L < 2:
             return 0
         had = cache.real_lengths() if cache.token_ids else [0] * B
         probe = OpParams(cfg.block_size, cfg.topk_blocks, cfg.sink_tokens, cfg.local_tokens, 1.0)
@@ -208,6 +208,9 @@ class ChunkedForward:
             if middle_blocks(had[b] + len(ids) - t, probe) > cfg.topk_blocks:
                 tails.append(t)
         return min(max(tails), L) if tails else 0
+
+    def reread_budget(self) -> int:
+        return self.cfg.reread_budget(getattr(self.model.config, "max_position_embeddings", None))
 
     def _tail_length(self, ids: list[int], whole: bool = False) -> int:
         """Tokens after the last blank line in ``ids`` (a token holding it and the question's first
@@ -234,7 +237,7 @@ class ChunkedForward:
             return []  # a row fed as inputs_embeds has no text; a short one is attended whole anyway
         enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         head, sep, foot = enc(REREAD_HEADER), enc(REREAD_SEPARATOR), enc(REREAD_FOOTER)
-        budget = (cfg.reread_tokens - len(head) - len(foot)) // (S + len(sep))
+        budget = (self.reread_budget() - len(head) - len(foot)) // (S + len(sep))
         nblocks = (len(ids) - sink) // S
         if budget < 1 or nblocks < 1:
             return []
@@ -265,6 +268,7 @@ class ChunkedForward:
         pos = _positions(before, valid).to(tail_ids.device)
         cache.begin_chunk(ids, valid, question=True)
         cache.reread_from = before  # decode steps keep the passages and the question in their local window
+        cache.reread_width = max(len(r) for r in rows)
         cache.reread_ids = [r[:h] for r, h in zip(rows, hidden)]  # what each row read again (ask --json shows it)
         cache.hidden_prefix = [h + n for h, n in zip(cache.hidden_prefix or [0] * B, hidden)]
         cache.pending = W

@@ -134,7 +134,7 @@ def save_store(memory: BlockStore, path: str | os.PathLike, fingerprint: dict, *
         "cold_dtype": cold.cold_dtype if cold is not None else None,
         "num_layers": len(layers), "kv_heads": int(H), "head_dim": int(D), "reps_per_block": int(l0.reps.shape[3]),
         "seen": int(memory.seen), "hidden_prefix": memory.hidden_prefix,
-        "reread_from": memory.reread_from,
+        "reread_from": memory.reread_from, "reread_width": int(memory.reread_width),
         "rows": rows, "embeddings": dims,
         "data": {"name": data_name, "bytes": w.offset}, "segments": segments, "meta": meta or {},
     }
@@ -198,6 +198,7 @@ def _check_body(mpath, body: dict) -> None:
     need(hp is None or (isinstance(hp, list) and len(hp) == len(rows) and all(nat(x) for x in hp)), "hidden_prefix")
     rf = body.get("reread_from")  # absent in memories saved before reread existed
     need(rf is None or (isinstance(rf, list) and len(rf) == len(rows) and all(nat(x) for x in rf)), "reread_from")
+    need(nat(body.get("reread_width", 0)), "reread_width")
     S, sink = lay["block_size"], lay["sink_tokens"]
     for r in rows:
         need(isinstance(r, dict) and all(nat(r.get(k)) for k in ("length", "spilled", "hot", "blocks")), "row")
@@ -311,5 +312,6 @@ def load_store(memory: BlockStore, path: str | os.PathLike, fingerprint: dict) -
     memory.seen = body["seen"]
     memory.hidden_prefix = body["hidden_prefix"]
     memory.reread_from = body.get("reread_from")
+    memory.reread_width = body.get("reread_width", 0)
     memory.n_new = torch.zeros(B, dtype=torch.long)
     return memory

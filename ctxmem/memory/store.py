@@ -41,6 +41,7 @@ class BlockStore:
         # prompt, and passages read again before a question (``MemoryConfig.reread_tokens``)
         self.hidden_prefix: list[int] | None = None
         self.reread_from: list[int] | None = None  # where each row's reread passages start (token index)
+        self.reread_width = 0  # passages + question of the widest row: decode's local window stretches over them
         self.reread_ids: list[list[int]] | None = None  # the latest question's reread passages, per row
         self.token_ids: list[list[int]] = []
         self.n_new = torch.zeros(0, dtype=torch.long)
@@ -122,7 +123,7 @@ class BlockStore:
             # decode steps after a reread keep the passages and the question in their local window,
             # up to the most the span allows (MemoryConfig.span); later the window slides as usual.
             # (The bounded-RAM tier spills by one fixed window: there decode finds them by retrieval.)
-            cap = self.cfg.local_tokens + self.cfg.reread_tokens + self.cfg.reread_question_max
+            cap = self.cfg.local_tokens + self.reread_width
             since = max(t - r for t, r in zip(t_before, self.reread_from))
             self.local = max(self.local, min(since, cap))
         self.bias = None
