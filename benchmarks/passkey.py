@@ -102,7 +102,7 @@ def run(args):
     # every method on one prompt before the next prompt: methods share the machine's load alike
     for kind in haystacks:
         for n in lengths:
-            for i, d in enumerate(real_depths if kind == "real" else depths):
+            for i, d in enumerate(real_depths if kind == "real" else depths, start=args.first_index):
                 for method, vcfg in variants.items():
                     if d in depth_list(kind, method, n):
                         ctxmem.wrap(model, vcfg, tokenizer=tok, embedder=emb)
@@ -238,6 +238,9 @@ def main():
     p.add_argument("--skip", action="append", default=[], metavar="METHOD@LENGTH",
                    help="run METHOD at LENGTH on the first --skip-keep depths only (for time)")
     p.add_argument("--skip-keep", type=int, default=3)
+    p.add_argument("--first-index", type=int, default=0,
+                   help="number the prompts from here (each index has its own key and haystack start): "
+                        "more prompts that are new, not repeats of an earlier run's")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--out", default="passkey")
     args = p.parse_args()

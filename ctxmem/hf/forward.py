@@ -337,6 +337,8 @@ class ChunkedForward:
             s, e = _chunk_bounds(L, chunk_size(self.model, self.cfg))[-1]
             keep_all = keep > e - s  # asks for more than the last chunk holds
         tail = 0 if keep_all or input_ids is None else self.question_tail(cache, input_ids, valid)
+        if tail and keep > tail:  # logits wanted for more than the question: read as written
+            tail = 0
         if tail:  # reread: the body first, then passages of it again in the question's own chunk
             if tail < L:
                 self.read_chunks(cache, input_ids[:, :L - tail], None, valid[:, :L - tail], question=False,

@@ -120,8 +120,8 @@ class BlockStore:
         self.topk = self.cfg.topk_blocks if question else self.cfg.prefill_topk_blocks
         self.local = self.cfg.local_tokens if question else self.cfg.prefill_local_tokens
         if question and self.reread_from is not None and not self.tiered:
-            # decode steps after a reread keep the passages and the question in their local window,
-            # up to the most the span allows (MemoryConfig.span); later the window slides as usual.
+            # decode steps after a reread keep the passages and the question in their local window
+            # (MemoryConfig.reread_budget keeps that inside the trained window); later it slides as usual.
             # (The bounded-RAM tier spills by one fixed window: there decode finds them by retrieval.)
             cap = self.cfg.local_tokens + self.reread_width
             since = max(t - r for t, r in zip(t_before, self.reread_from))
