@@ -32,6 +32,20 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, heads: int = 4, kv_h
     return model.eval()
 
 
+def padded_batch_and_rows(model, new_tokens: int = 10):
+    """Generate for two rows of different lengths as one left-padded batch and each row alone; returns
+    (batch output, row a alone, row b alone) for the caller to compare the last ``new_tokens``."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(3, 97, (1, 130), generator=g)
+    b = torch.randint(3, 97, (1, 87), generator=g)
+    pad = 130 - 87
+    batch = torch.cat([a, torch.cat([torch.full((1, pad), 0), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    gen = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return model.generate(batch, attention_mask=mask, **gen), model.generate(a, **gen), model.generate(b, **gen)
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import ctxmem
 from ctxmem.hf.cache import rope_inv_freq
 from ctxmem.ops.rope import rerotate
+from conftest import padded_batch_and_rows
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -309,16 +310,7 @@ def test_left_padded_batch_matches_rows_alone(name):
     model = family_model(name, seed=11)
     ctxmem.wrap(model, ctxmem.MemoryConfig(**dict(SMALL, prefill_chunk=20)))
     try:
-        g = torch.Generator().manual_seed(4)
-        a = torch.randint(3, 97, (1, 130), generator=g)
-        b = torch.randint(3, 97, (1, 87), generator=g)
-        pad = 130 - 87
-        batch = torch.cat([a, torch.cat([torch.full((1, pad), 0), b], 1)])
-        mask = torch.ones_like(batch)
-        mask[1, :pad] = 0
-        out = model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-        alone_a = model.generate(a, max_new_tokens=10, do_sample=False, pad_token_id=0)
-        alone_b = model.generate(b, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        out, alone_a, alone_b = padded_batch_and_rows(model)
     finally:
         ctxmem.unwrap(model)
     assert torch.equal(out[0, -10:], alone_a[0, -10:])

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ctxmem
-from conftest import tiny_model
+from conftest import padded_batch_and_rows, tiny_model
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 
@@ -74,16 +74,7 @@ def test_left_padded_batch_matches_rows_alone(family):
     cfg = ctxmem.MemoryConfig(block_size=8, topk_blocks=2, sink_tokens=4, local_tokens=16, prefill_chunk=20,
                               selector="keys")
     ctxmem.wrap(model, cfg)
-    g = torch.Generator().manual_seed(4)
-    a = torch.randint(3, 97, (1, 130), generator=g)
-    b = torch.randint(3, 97, (1, 87), generator=g)
-    pad = 130 - 87
-    batch = torch.cat([a, torch.cat([torch.full((1, pad), 0), b], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :pad] = 0
-    out = model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    alone_a = model.generate(a, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    alone_b = model.generate(b, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    out, alone_a, alone_b = padded_batch_and_rows(model)
     assert torch.equal(out[0, -10:], alone_a[0, -10:])
     assert torch.equal(out[1, -10:], alone_b[0, -10:])
 

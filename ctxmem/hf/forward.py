@@ -200,17 +200,23 @@ class ChunkedForward:
         if not self.reread_budget() or cache.text_index is None or L < 2:
             return 0
         had = cache.real_lengths() if cache.token_ids else [0] * B
-        probe = OpParams(cfg.block_size, cfg.topk_blocks, cfg.sink_tokens, cfg.local_tokens, 1.0)
         tails = []
         for b in range(B):
             ids = input_ids[b][valid[b]].tolist()
             t = self._tail_length(ids[-cfg.reread_question_max:], whole=had[b] > 0)
-            if middle_blocks(had[b] + len(ids) - t, probe) > cfg.topk_blocks:
+            if self._beyond_budget(had[b] + len(ids) - t):
                 tails.append(t)
         return min(max(tails), L) if tails else 0
 
     def reread_budget(self) -> int:
         return self.cfg.reread_budget(getattr(self.model.config, "max_position_embeddings", None))
+
+    def _beyond_budget(self, tokens: int) -> bool:
+        """Whether a question after ``tokens`` stored tokens attends only part of them (else it sees
+        everything already and a reread would only repeat text)."""
+        cfg = self.cfg
+        probe = OpParams(cfg.block_size, cfg.topk_blocks, cfg.sink_tokens, cfg.local_tokens, 1.0)
+        return middle_blocks(tokens, probe) > cfg.topk_blocks
 
     def _tail_length(self, ids: list[int], whole: bool = False) -> int:
         """Tokens after the last blank line in ``ids`` (a token holding it and the question's first
@@ -232,8 +238,7 @@ class ChunkedForward:
         cfg, tok = self.cfg, self.state.tokenizer
         ids = cache.token_ids[b]
         S, sink = cfg.block_size, cfg.sink_tokens
-        probe = OpParams(S, cfg.topk_blocks, sink, cfg.local_tokens, 1.0)
-        if not ids or ids[0] == -1 or middle_blocks(len(ids), probe) <= cfg.topk_blocks or not query.strip():
+        if not ids or ids[0] == -1 or not self._beyond_budget(len(ids)) or not query.strip():
             return []  # a row fed as inputs_embeds has no text; a short one is attended whole anyway
         enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         head, sep, foot = enc(REREAD_HEADER), enc(REREAD_SEPARATOR), enc(REREAD_FOOTER)
